@@ -1,0 +1,733 @@
+"""The Typer app: declares options, calls the core, and maps errors to exit codes in one place.
+
+Heavy modules (httpx, rich, psutil, pynvml, the server) are imported inside the commands that need
+them, so `llmroom --help` and `llmroom --version` stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+from llmroom_cli import __version__
+from llmroom_cli.errors import EndpointError, InvalidPassword, LlmroomError, UsageError
+from llmroom_cli.options import DEFAULT_HUB, normalize_hub_url, parse_config, parse_room_code
+
+if TYPE_CHECKING:
+    import httpx
+
+    from llmroom_cli.client import HubClient
+    from llmroom_cli.endpoints import ModelInfo
+
+T = TypeVar("T")
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok, 1 unexpected error, 2 usage error, 3 room not found, 4 invalid password,"
+    " 5 hub unreachable, 6 local LLM endpoint problem."
+)
+
+app = typer.Typer(
+    name="llmroom",
+    help="Share your local LLM server in an LLM room, list rooms, or run a hub.\n\n" + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    # typer renders help through rich whenever it is installed; only worth it on a terminal.
+    rich_markup_mode="rich" if sys.stdout.isatty() else None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": False}
+
+# -- shared options, declared once ----------------------------------------------------------------
+
+HubOpt = Annotated[
+    str,
+    typer.Option("--hub", envvar="LLMROOM_HUB", help="Hub URL (host:port works too).", show_default=True),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+DebugOpt = Annotated[
+    bool, typer.Option("--debug", help="Show tracebacks and HTTP traces (secrets redacted).")
+]
+CodeArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="CODE",
+        help="Room code: 6 characters of A-Z 0-9 _ -, any case. A code starting with '-' goes after"
+        " '--', as in: llmroom join -- -YLUHJ",
+        show_default=False,
+    ),
+]
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _debug(text: str) -> None:
+    if _state["debug"]:
+        _err(f"debug: {text}")
+
+
+def _fail(exc: LlmroomError) -> NoReturn:
+    line = f"error: {exc.message}"
+    if exc.hint:
+        line += f" ({exc.hint})"
+    _err(line)
+    raise typer.Exit(exc.exit_code)
+
+
+def _run(fn: Callable[[], T], debug: bool = False) -> T:
+    """Run a command body: the one place where core errors become a message and an exit code."""
+    _state["debug"] = debug or _state["debug"]
+    if _state["debug"]:
+        _enable_http_trace()
+    try:
+        return fn()
+    except LlmroomError as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        _fail(exc)
+    except (typer.Exit, typer.Abort):
+        raise
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        _err(f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for a traceback)")
+        raise typer.Exit(1) from None
+
+
+def _enable_http_trace() -> None:
+    """--debug: one stderr line per HTTP request/response; bodies are never logged (they may hold a
+    password), and URLs carry no secrets in this API."""
+    import logging
+
+    class _Redact(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.msg = str(record.msg).replace("password", "[redacted]")
+            return True
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("debug: %(name)s: %(message)s"))
+    handler.addFilter(_Redact())
+    logger = logging.getLogger("httpx")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+
+
+def _hub(hub: str) -> str:
+    return normalize_hub_url(hub)
+
+
+def _http(*urls: str) -> httpx.Client:
+    from llmroom_cli.http import make_http
+
+    return make_http(*urls)
+
+
+def _client(hub_url: str) -> HubClient:
+    from llmroom_cli.client import HubClient
+
+    return HubClient(_http(hub_url), hub_url)
+
+
+def _read_password_stdin() -> str:
+    line = sys.stdin.readline()
+    password = line.rstrip("\r\n")
+    if not password:
+        raise UsageError("--password-stdin: standard input gave no password (expected it on the first line)")
+    return password
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"llmroom {__version__}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", "-V", help="Show the version and exit.", callback=_version_callback, is_eager=True
+        ),
+    ] = False,
+) -> None:
+    """Share your local LLM server in an LLM room."""
+
+
+# -- serve ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (0.0.0.0 for the whole network).")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(help="Port to listen on (0 picks a free one).", min=0, max=65535)
+    ] = 3000,
+    participant_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds without a health check before a participant is marked offline.", min=0.1),
+    ] = 30.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-request log lines.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run the embedded hub (speaks the Gambiarra hub API) until Ctrl-C."""
+
+    def body() -> int:
+        from llmroom_cli.server import serve as run_server
+
+        return run_server(host, port, participant_timeout, quiet)
+
+    raise typer.Exit(_run(body, debug))
+
+
+# -- create / list / leave ----------------------------------------------------------------------------
+
+
+@app.command()
+def create(
+    name: Annotated[str, typer.Argument(help="Room name.", show_default=False)],
+    hub: HubOpt = DEFAULT_HUB,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Protect the room with a password read from stdin.")
+    ] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Create a room and print its code (only the code when piped: CODE=$(llmroom create NAME))."""
+
+    def body() -> None:
+        hub_url = _hub(hub)
+        if not name.strip():
+            raise UsageError("the room name is empty")
+        password = _read_password_stdin() if password_stdin else None
+        data = _client(hub_url).create_room(name, password)
+        if json_out:
+            _print_json(data)
+            return
+        code = data["room"]["code"]
+        if sys.stdout.isatty():
+            from llmroom_cli.render import print_text
+
+            print_text(f"created room {code} ({name}) on {hub_url}")
+            print_text(f"join it with: llmroom join {code} --hub {hub_url}", style="dim")
+        else:
+            sys.stdout.write(code + "\n")
+
+    _run(body, debug)
+
+
+@app.command("list")
+def list_(
+    code: Annotated[
+        str | None, typer.Argument(help="Room code: list its participants.", show_default=False)
+    ] = None,
+    hub: HubOpt = DEFAULT_HUB,
+    json_out: JsonOpt = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Keep the view live until Ctrl-C.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List rooms, or a room's participants (offline ones dimmed).
+
+    Piped output is tab-separated, one line per row and no header. Rooms: code, name, participants,
+    age. Participants: nickname, model, status, GPU, VRAM, RAM, endpoint, last seen."""
+
+    def body() -> None:
+        room = parse_room_code(code) if code is not None else None
+        hub_url = _hub(hub)
+        client = _client(hub_url)
+        if watch:
+            _watch(client, room, json_out)
+            return
+        from llmroom_cli import render
+
+        if room is None:
+            data = client.rooms_body()
+            if json_out:
+                _print_json(data)
+                return
+            rows, dim = render.rooms_view(data["rooms"])
+            render.print_table(render.ROOM_COLUMNS, rows, dim, empty=f"no rooms on {hub_url}")
+        else:
+            data = client.participants_body(room)
+            if json_out:
+                _print_json(data)
+                return
+            rows, dim = render.participants_view(data["participants"])
+            render.print_table(render.PARTICIPANT_COLUMNS, rows, dim, empty=f"no participants in {room}")
+
+    _run(body, debug)
+
+
+def _watch(client: HubClient, room: str | None, json_out: bool) -> None:
+    """Follow the room's event stream where the hub has one, else poll every 2 s, until Ctrl-C."""
+    from llmroom_cli import render
+    from llmroom_cli.errors import HubUnavailable
+
+    stop = threading.Event()
+    watcher = (
+        None
+        if json_out
+        else render.Watcher(
+            render.PARTICIPANT_COLUMNS if room else render.ROOM_COLUMNS,
+            f"room {room}" if room else client.base_url,
+        )
+    )
+    changed = threading.Event()
+
+    def follow() -> None:
+        assert room is not None
+        while not stop.is_set():
+            try:
+                for _event, _data in client.events(room):
+                    changed.set()
+                    if stop.is_set():
+                        return
+            except LlmroomError:
+                pass
+            if stop.wait(2.0):
+                return
+
+    def show() -> None:
+        if room is None:
+            data = client.rooms_body()
+            rows, dim = render.rooms_view(data["rooms"])
+        else:
+            data = client.participants_body(room)
+            rows, dim = render.participants_view(data["participants"])
+        if json_out:
+            sys.stdout.write(json.dumps(data, separators=(",", ":")) + "\n")
+            sys.stdout.flush()
+        elif watcher is not None:
+            watcher.show(rows, dim)
+
+    from llmroom_cli.session import capture_signals
+
+    with capture_signals(stop, on_second=lambda: os._exit(130)):
+        try:
+            show()
+            if room is not None:
+                threading.Thread(target=follow, name="llmroom-events", daemon=True).start()
+            while not stop.is_set():
+                # An event wakes us at once; "last seen" ages and sweeps are picked up every 2 s anyway.
+                changed.wait(2.0)
+                changed.clear()
+                if stop.is_set():
+                    break
+                try:
+                    show()
+                except HubUnavailable as exc:
+                    _err(f"warning: {exc.message}; still trying")
+        finally:
+            if watcher is not None:
+                watcher.close()
+
+
+@app.command()
+def leave(
+    code: CodeArg,
+    participant_id: Annotated[str, typer.Argument(metavar="ID", help="Participant id.", show_default=False)],
+    hub: HubOpt = DEFAULT_HUB,
+    debug: DebugOpt = False,
+) -> None:
+    """Remove a participant from a room (to clean up after a crash)."""
+
+    def body() -> None:
+        room = parse_room_code(code)
+        if not participant_id.strip():
+            raise UsageError("the participant id is empty")
+        hub_url = _hub(hub)
+        _client(hub_url).leave(room, participant_id)
+        if sys.stdout.isatty():
+            _err(f"removed {participant_id} from room {room}")
+
+    _run(body, debug)
+
+
+# -- specs / probe ----------------------------------------------------------------------------------
+
+
+@app.command()
+def specs(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """Show this machine's specs: what `join` sends to the room."""
+
+    def body() -> None:
+        from llmroom_cli.specs import detect_specs
+
+        found = detect_specs(_debug if _state["debug"] else None)
+        if json_out:
+            _print_json(found.data)
+            return
+        from llmroom_cli.render import print_table
+
+        print_table(("WHAT", "VALUE", "SOURCE"), [[r.what, r.value, r.source] for r in found.rows])
+
+    _run(body, debug)
+
+
+@app.command()
+def probe(
+    url: Annotated[
+        str | None,
+        typer.Argument(help="Server URL; without it, the usual local ports are tried.", show_default=False),
+    ] = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Identify the local LLM server(s) and list their models."""
+
+    def body() -> int:
+        from llmroom_cli import endpoints
+
+        if url is not None:
+            base = endpoints.normalize_endpoint(url)
+            http = _http(endpoints.probe_url(base))
+            servers = [endpoints.probe(http, base)]
+        else:
+            http = _http("http://127.0.0.1")
+            servers = endpoints.probe_local(http)
+            if not servers:
+                raise EndpointError(
+                    "no LLM server answers on the usual local ports (11434, 1234, 8080, 9931, 8000)",
+                    "start one, or give its URL: llmroom probe http://HOST:PORT",
+                )
+        if json_out:
+            _print_json(servers[0].to_json() if url is not None else [s.to_json() for s in servers])
+            return 0
+        from llmroom_cli.render import print_table, print_text
+
+        for info in servers:
+            version = f" {info.version}" if info.version else ""
+            print_text(f"{info.url}: {info.kind}{version}, {info.status}", style="bold")
+            rows = [
+                [
+                    m.id,
+                    {True: "loaded", False: "-", None: "?"}[m.loaded],
+                    "embedding" if m.embedding else "chat",
+                    str(m.context_length or "-"),
+                    m.quantization or "-",
+                ]
+                for m in info.models
+            ]
+            print_table(("MODEL", "LOADED", "TYPE", "CONTEXT", "QUANT"), rows, empty="no models")
+        if any(s.status == "loading" for s in servers):
+            raise EndpointError(
+                f"the server at {servers[0].url} is still loading a model", "try again shortly"
+            )
+        return 0
+
+    raise typer.Exit(_run(body, debug))
+
+
+# -- join -----------------------------------------------------------------------------------------
+
+
+def _default_nickname() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in a bare container
+        user = "user"
+    return f"{user}@{socket.gethostname().split('.')[0] or 'localhost'}"
+
+
+def _ask_model(models: list[ModelInfo]) -> ModelInfo:
+    """A numbered pick on a terminal."""
+    _err("The server offers several chat models:")
+    for i, m in enumerate(models, 1):
+        _err(f"  {i}. {m.id}{' (loaded)' if m.loaded else ''}")
+    while True:
+        try:
+            raw = input(f"Share which one? [1-{len(models)}]: ")
+        except EOFError:
+            raise EndpointError("no model chosen", "pass one with --model NAME") from None
+        if raw.strip().isdigit() and 1 <= int(raw) <= len(models):
+            return models[int(raw) - 1]
+        _err(f"please type a number from 1 to {len(models)}")
+
+
+@app.command()
+def join(
+    code: CodeArg,
+    hub: HubOpt = DEFAULT_HUB,
+    endpoint: Annotated[
+        str,
+        typer.Option(
+            "--endpoint", "-e", envvar="LLMROOM_ENDPOINT", help="Your local OpenAI-compatible LLM server."
+        ),
+    ] = "http://localhost:11434",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", envvar="LLMROOM_MODEL", help="Model to share (default: ask or the only one)."
+        ),
+    ] = None,
+    nickname: Annotated[
+        str | None,
+        typer.Option(
+            "--nickname", "-n", envvar="LLMROOM_NICKNAME", help="Name shown in the room [default: user@host]."
+        ),
+    ] = None,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the room password from the first line of stdin.")
+    ] = False,
+    password: Annotated[
+        str | None,
+        typer.Option(
+            "--password",
+            help="Room password (visible to other users in the process list: prefer --password-stdin"
+            " or LLMROOM_PASSWORD).",
+            show_default=False,
+        ),
+    ] = None,
+    config: Annotated[
+        list[str] | None,
+        typer.Option("--config", "-c", help="Generation config KEY=VALUE, repeatable (temperature=0.7)."),
+    ] = None,
+    config_file: Annotated[
+        Path | None, typer.Option("--config-file", help="Generation config from a JSON or TOML file.")
+    ] = None,
+    no_specs: Annotated[bool, typer.Option("--no-specs", help="Do not send this machine's specs.")] = False,
+    participant_id: Annotated[
+        str | None, typer.Option("--id", help="Participant id [default: stable per hub, room and endpoint].")
+    ] = None,
+    interval: Annotated[
+        float, typer.Option("--interval", help="Seconds between heartbeats (>= 0.01).")
+    ] = 10.0,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for a loading server to be ready.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON-lines events on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Join a room and share your local LLM until Ctrl-C (heartbeat every 10 s, rides out hub trouble).
+
+    Password: --password-stdin, else LLMROOM_PASSWORD, else a prompt on a terminal when the room asks."""
+    mode = "json" if json_out else "quiet" if quiet else "live" if sys.stdout.isatty() else "plain"
+
+    def body() -> int:
+        try:
+            room = parse_room_code(code)
+            hub_url = _hub(hub)
+            if not 0.01 <= interval <= 3600:
+                raise UsageError(f"--interval {interval}: expected seconds from 0.01 to 3600")
+            nick = (nickname if nickname is not None else _default_nickname()).strip()
+            if not nick or len(nick) > 64:
+                raise UsageError("--nickname must be 1 to 64 characters")
+            if participant_id is not None and not (0 < len(participant_id.strip()) <= 128):
+                raise UsageError("--id must be 1 to 128 characters")
+            cfg = parse_config(config or [], config_file)
+            if password_stdin and password is not None:
+                raise UsageError("give the password once: --password-stdin or --password, not both")
+            from llmroom_cli import endpoints
+
+            ep = endpoints.normalize_endpoint(endpoint)
+            secret = _resolve_password(password_stdin, password)
+            return _join_flow(
+                room, hub_url, ep, model, nick, secret, cfg, no_specs, participant_id, interval, wait, mode
+            )
+        except LlmroomError as exc:
+            if mode == "json":
+                _emit_json_error(exc.exit_code, exc.message)
+            raise
+
+    raise typer.Exit(_run(body, debug))
+
+
+def _emit_json_error(code: int, message: str) -> None:
+    import time
+
+    sys.stdout.write(
+        json.dumps({"event": "error", "ts": int(time.time() * 1000), "code": code, "message": message}) + "\n"
+    )
+    sys.stdout.flush()
+
+
+def _resolve_password(password_stdin: bool, password: str | None) -> str | None:
+    if password_stdin:
+        return _read_password_stdin()
+    if password is not None:
+        _err("warning: --password is visible to other users in the process list; prefer --password-stdin")
+        return password or None
+    return os.environ.get("LLMROOM_PASSWORD") or None
+
+
+def _prepare_share(
+    http: httpx.Client, ep: str, model: str | None, no_specs: bool, wait: bool, mode: str
+) -> tuple[str, dict[str, Any] | None]:
+    """Check the endpoint and pick the model while the specs are detected in parallel."""
+    from llmroom_cli import endpoints
+
+    found: dict[str, Any] = {}
+
+    def detect() -> None:
+        from llmroom_cli.specs import detect_specs
+
+        found["specs"] = detect_specs(_debug if _state["debug"] else None).data
+
+    detector = None
+    if not no_specs:
+        detector = threading.Thread(target=detect, name="llmroom-specs", daemon=True)
+        detector.start()
+    target = endpoints.probe_url(ep)
+    info = endpoints.probe(http, target)
+    if info.status == "loading":
+        if not wait:
+            raise EndpointError(f"the LLM server at {ep} is still loading a model", "wait, or pass --wait")
+        import time
+
+        if mode != "json" and mode != "quiet":
+            _err(f"waiting for the LLM server at {ep} to finish loading ...")
+        while info.status == "loading":
+            time.sleep(1.0)
+            info = endpoints.probe(http, target)
+    interactive = sys.stdin.isatty() and sys.stderr.isatty() and mode != "json"
+    chosen = endpoints.choose_model(info, model, _ask_model if interactive else None)
+    specs: dict[str, Any] | None = None
+    if detector is not None:
+        detector.join(timeout=5.0)
+        specs = dict(found.get("specs") or {})
+        llm = endpoints.llm_specs(info, chosen)
+        if llm:
+            specs["llm"] = llm
+    return chosen.id, specs
+
+
+def _join_flow(
+    room: str,
+    hub_url: str,
+    ep: str,
+    model: str | None,
+    nick: str,
+    secret: str | None,
+    cfg: dict[str, Any] | None,
+    no_specs: bool,
+    participant_id: str | None,
+    interval: float,
+    wait: bool,
+    mode: str,
+    on_started: Callable[[], None] | None = None,
+    wake: threading.Event | None = None,
+    output_hook: Callable[[Any], None] | None = None,
+) -> int:
+    """Everything `join` does after parsing; `demo` runs it too."""
+    from llmroom_cli import endpoints
+    from llmroom_cli.client import HubClient
+    from llmroom_cli.errors import RoomNotFound
+    from llmroom_cli.render import JoinOutput
+    from llmroom_cli.session import JoinPlan, Session, capture_signals, run_session, stable_participant_id
+
+    http = _http(hub_url, endpoints.probe_url(ep))
+    chosen, specs = _prepare_share(http, ep, model, no_specs, wait, mode)
+    pid = participant_id or stable_participant_id(hub_url, room, ep, _debug)
+    plan = JoinPlan(hub_url, room, pid, nick, chosen, ep, secret, specs, cfg, interval)
+    info = {"room": room, "hub": hub_url, "nickname": nick, "model": chosen, "endpoint": ep}
+    output = JoinOutput(mode, info)
+    if output_hook is not None:
+        output_hook(output)
+    wake = wake or threading.Event()
+    client = HubClient(http, hub_url)
+
+    def exit_now() -> None:
+        output.close()
+        _err("interrupted again: exiting without waiting for the hub")
+        os._exit(130)
+
+    prompts = 0
+    with capture_signals(wake, exit_now) as received:
+        while True:
+            session = Session(client, plan, output, stop=threading.Event())
+            output.status = session.status
+            outcome = run_session(session, wake, on_started)
+            error = outcome.error
+            can_prompt = sys.stdin.isatty() and not received and mode != "json" and prompts < 3
+            if isinstance(error, InvalidPassword) and can_prompt:
+                import getpass
+
+                prompts += 1
+                _err(f"room {room} is protected" if prompts == 1 else "wrong password")
+                try:
+                    plan.password = getpass.getpass("Room password: ")
+                except (EOFError, KeyboardInterrupt):
+                    raise error from None
+                wake.clear()
+                continue
+            break
+    output.close()
+    if error is not None:
+        if isinstance(error, RoomNotFound) and session.joined:
+            raise RoomNotFound(
+                f"room {room} is gone from {hub_url}",
+                "the hub restarted or the room was removed: create or pick a room and join again",
+            )
+        if isinstance(error, LlmroomError):
+            raise error
+        raise error
+    if outcome.confirmed is False:
+        _err(f"warning: the hub at {hub_url} did not confirm the leave; it will mark us offline in ~30 s")
+    return 0
+
+
+# -- demo -------------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    duration: Annotated[float, typer.Option(help="Seconds to stay in the room.", min=1)] = 15.0,
+    endpoint: Annotated[
+        str | None,
+        typer.Option("--endpoint", "-e", help="Share this real local server instead of the stand-in."),
+    ] = None,
+    interval: Annotated[
+        float, typer.Option("--interval", help="Seconds between heartbeats.", min=0.01)
+    ] = 1.0,
+    debug: DebugOpt = False,
+) -> None:
+    """The whole product in one command: an embedded hub, a stand-in LLM, a room, a participant with
+    real heartbeats, one chat request through the hub, then leave."""
+
+    def body() -> int:
+        from llmroom_cli.demo import run_demo
+
+        return run_demo(duration, endpoint, interval, _join_flow, _err)
+
+    raise typer.Exit(_run(body, debug))
+
+
+def main() -> None:
+    """Console-script entry point; click's multi-line usage errors become one line, exit 2."""
+    from typer import _click  # typer 0.28 vendors click
+
+    try:
+        code = app(prog_name="llmroom", standalone_mode=False)
+    except _click.exceptions.UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx is not None else "llmroom"
+        _err(f"error: {exc.format_message()} (see: {cmd} --help)")
+        sys.exit(2)
+    except _click.exceptions.Abort:
+        sys.exit(130)
+    except _click.exceptions.ClickException as exc:
+        _err(f"error: {exc.format_message()}")
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

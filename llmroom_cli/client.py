@@ -1,0 +1,196 @@
+"""HubClient: every route of the hub API over one injected httpx.Client; HTTP failures -> errors.py."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from llmroom_cli.errors import (
+    HubProtocolError,
+    HubRejected,
+    HubUnavailable,
+    InvalidPassword,
+    ParticipantNotFound,
+    RoomNotFound,
+)
+
+_START_HINT = "is the hub running? start one with: llmroom serve"
+
+
+class HubClient:
+    """A hub at `base_url`, spoken to through `http` (built by the CLI; tests pass a MockTransport)."""
+
+    def __init__(self, http: httpx.Client, base_url: str) -> None:
+        self.http = http
+        self.base_url = base_url.rstrip("/")
+
+    # -- routes -----------------------------------------------------------------------------------
+
+    def health(self, timeout_s: float | None = None) -> dict[str, Any]:
+        return self._json("GET", "/health", timeout_s=timeout_s)
+
+    def create_room(self, name: str, password: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name}
+        if password:
+            body["password"] = password
+        data = self._json("POST", "/rooms", body)
+        room = data.get("room")
+        if not isinstance(room, dict) or not isinstance(room.get("code"), str):
+            raise self._bad_shape("POST /rooms")
+        return data
+
+    def list_rooms(self) -> list[dict[str, Any]]:
+        data = self._json("GET", "/rooms")
+        rooms = data.get("rooms")
+        if not isinstance(rooms, list) or not all(isinstance(r, dict) for r in rooms):
+            raise self._bad_shape("GET /rooms")
+        return rooms
+
+    def rooms_body(self) -> dict[str, Any]:
+        """The raw body of GET /rooms (for `list --json`), shape-checked."""
+        data = self._json("GET", "/rooms")
+        if not isinstance(data.get("rooms"), list):
+            raise self._bad_shape("GET /rooms")
+        return data
+
+    def participants_body(self, code: str) -> dict[str, Any]:
+        data = self._json("GET", f"/rooms/{_seg(code)}/participants")
+        parts = data.get("participants")
+        if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+            raise self._bad_shape("GET /rooms/:code/participants")
+        return data
+
+    def participants(self, code: str) -> list[dict[str, Any]]:
+        parts: list[dict[str, Any]] = self.participants_body(code)["participants"]
+        return parts
+
+    def join(self, code: str, body: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+        data = self._json("POST", f"/rooms/{_seg(code)}/join", body, timeout_s=timeout_s)
+        if not isinstance(data.get("participant"), dict):
+            raise self._bad_shape("POST /rooms/:code/join")
+        return data
+
+    def heartbeat(self, code: str, participant_id: str, timeout_s: float | None = None) -> None:
+        self._json("POST", f"/rooms/{_seg(code)}/health", {"id": participant_id}, timeout_s=timeout_s)
+
+    def leave(self, code: str, participant_id: str, timeout_s: float | None = None) -> None:
+        path = f"/rooms/{_seg(code)}/leave/{_seg(participant_id)}"
+        self._json("DELETE", path, timeout_s=timeout_s)
+
+    def models(self, code: str) -> dict[str, Any]:
+        return self._json("GET", f"/rooms/{_seg(code)}/v1/models")
+
+    def chat(self, code: str, body: dict[str, Any], timeout_s: float | None = 60.0) -> dict[str, Any]:
+        return self._json("POST", f"/rooms/{_seg(code)}/v1/chat/completions", body, timeout_s=timeout_s)
+
+    def events(self, code: str) -> Iterator[tuple[str, Any]]:
+        """Follow the room's Server-Sent Events: yields (event, data) until the stream ends."""
+        url = f"{self.base_url}/rooms/{_seg(code)}/events"
+        timeout = httpx.Timeout(connect=self.http.timeout.connect, read=None, write=5.0, pool=5.0)
+        try:
+            with self.http.stream("GET", url, timeout=timeout) as resp:
+                if resp.status_code != 200:
+                    resp.read()
+                    self._raise_for(resp, "GET", f"/rooms/{code}/events")
+                event, data = "message", ""
+                for line in resp.iter_lines():
+                    if not line:
+                        if data:
+                            yield event, _loads_or_text(data)
+                        event, data = "message", ""
+                    elif line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data += line[5:].strip()
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _json(
+        self, method: str, path: str, body: dict[str, Any] | None = None, timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        url = self.base_url + path
+        try:
+            if timeout_s is None:
+                resp = self.http.request(method, url, json=body)
+            else:
+                resp = self.http.request(method, url, json=body, timeout=timeout_s)
+        except httpx.TimeoutException as exc:
+            raise HubUnavailable(f"the hub at {self.base_url} did not answer in time", _START_HINT) from exc
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        if resp.status_code >= 400:
+            self._raise_for(resp, method, path)
+        data = _json_object(resp)
+        if data is None:
+            raise HubProtocolError(
+                f"{self.base_url} answered {method} {path} with something that is not the hub API"
+                f" ({_describe(resp)})",
+                "check the --hub URL",
+            )
+        return data
+
+    def _raise_for(self, resp: httpx.Response, method: str, path: str) -> None:
+        data = _json_object(resp)
+        message = data.get("error") if data is not None else None
+        if not isinstance(message, str):
+            if resp.status_code >= 500 or data is None:
+                raise HubProtocolError(
+                    f"the hub at {self.base_url} answered {method} {path} with {_describe(resp)}",
+                    "check the --hub URL, or try again later",
+                )
+            message = f"HTTP {resp.status_code}"
+        status = resp.status_code
+        if status == 404 and message == "Room not found":
+            raise RoomNotFound(
+                f"room not found on {self.base_url}",
+                "check the code with: llmroom list (a restarted hub has no rooms)",
+            )
+        if status == 404 and message == "Participant not found":
+            raise ParticipantNotFound(f"the hub at {self.base_url} does not know this participant", status)
+        if status == 401:
+            raise InvalidPassword(
+                f"invalid password for this room on {self.base_url}",
+                "give it with --password-stdin or LLMROOM_PASSWORD",
+            )
+        if status >= 500:
+            raise HubUnavailable(f"the hub at {self.base_url} failed: {status} {message}")
+        raise HubRejected(f"the hub at {self.base_url} refused {method} {path}: {message}", status)
+
+    def _unreachable(self, exc: Exception) -> HubUnavailable:
+        reason = str(exc) or type(exc).__name__
+        return HubUnavailable(f"cannot reach the hub at {self.base_url}: {reason}", _START_HINT)
+
+    def _bad_shape(self, route: str) -> HubProtocolError:
+        return HubProtocolError(
+            f"the hub at {self.base_url} answered {route} with an unexpected shape", "check the --hub URL"
+        )
+
+
+def _seg(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _json_object(resp: httpx.Response) -> dict[str, Any] | None:
+    try:
+        data = json.loads(resp.content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _loads_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _describe(resp: httpx.Response) -> str:
+    ctype = resp.headers.get("content-type", "no content type").split(";")[0]
+    return f"HTTP {resp.status_code}, {ctype}"

@@ -1,0 +1,87 @@
+"""`llmroom demo`: an embedded hub, a stand-in LLM server, a room, and a real participant in it.
+
+The participant runs through exactly the code path of `llmroom join`; the demo only adds a script
+that sends one chat request through the hub and lists the room while the participant is online.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from llmroom_cli.errors import LlmroomError
+
+PROMPT = "Say hello to the room in one sentence."
+
+
+def run_demo(
+    duration_s: float,
+    endpoint: str | None,
+    interval_s: float,
+    join_flow: Callable[..., int],
+    err: Callable[[str], None],
+) -> int:
+    from llmroom_cli import endpoints, render
+    from llmroom_cli.client import HubClient
+    from llmroom_cli.http import make_http
+    from llmroom_cli.server import start_hub
+    from llmroom_cli.standin import StandIn
+
+    ep = endpoints.normalize_endpoint(endpoint) if endpoint else None
+    hub = start_hub(quiet=True)
+    standin = None if ep else StandIn()
+    ep = ep or (standin.url if standin else "")
+    try:
+        client = HubClient(make_http(hub.url), hub.url)
+        room = client.create_room("llmroom demo")["room"]["code"]
+        mode = "live" if sys.stdout.isatty() else "plain"
+        what = "a real local server" if endpoint else "the built-in stand-in LLM"
+        render.print_text(
+            f"embedded hub on {hub.url} · room {room} created · sharing {what} at {ep}", style="bold"
+        )
+        wake = threading.Event()
+        outputs: list[Any] = []
+
+        def script() -> None:
+            out = outputs[0]
+            try:
+                # Wait for the first heartbeat to land, so the room shows a live participant.
+                if wake.wait(min(interval_s * 1.5, 2.0)):
+                    return
+                out.note(f"> sending a chat request to room {room} through the hub: {PROMPT!r}")
+                body = {"model": "*", "messages": [{"role": "user", "content": PROMPT}]}
+                answer = client.chat(room, body)
+                choices = answer.get("choices") or [{}]
+                content = (choices[0].get("message") or {}).get("content", "")
+                out.note(f"< the participant answered: {str(content).strip()}")
+                parts = client.participants(room)
+                rows, dim = render.participants_view(parts)
+                out.note(f"room {room} now lists:", (render.PARTICIPANT_COLUMNS, rows, dim))
+            except LlmroomError as exc:
+                out.note(f"! the chat request failed: {exc}")
+            wake.wait(duration_s)
+            wake.set()
+
+        return join_flow(
+            room,
+            hub.url,
+            ep,
+            None,
+            "demo",
+            None,
+            None,
+            False,
+            None,
+            interval_s,
+            False,
+            mode,
+            on_started=lambda: threading.Thread(target=script, name="llmroom-demo", daemon=True).start(),
+            wake=wake,
+            output_hook=outputs.append,
+        )
+    finally:
+        hub.stop()
+        if standin is not None:
+            standin.stop()

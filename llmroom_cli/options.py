@@ -1,0 +1,144 @@
+"""Parsing what the user typed: room codes, hub URLs, generation config. Pure, stdlib only, fast.
+
+Everything here raises UsageError (exit 2) and runs before any network request.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from llmroom_cli.errors import UsageError
+
+DEFAULT_HUB = "http://localhost:3000"
+
+# The reference hub draws codes from A-Z 0-9 _ - (a code may even start with "-").
+_CODE_RE = re.compile(r"[A-Za-z0-9_-]{6}")
+
+
+def parse_room_code(code: str) -> str:
+    """Return the canonical (upper-case) room code, or raise UsageError."""
+    text = code.strip()
+    if not _CODE_RE.fullmatch(text):
+        raise UsageError(
+            f"invalid room code {code!r}: a code is 6 characters of A-Z, 0-9, '_' or '-'",
+            "a code starting with '-' goes after '--', as in: llmroom join -- -YLUHJ",
+        )
+    return text.upper()
+
+
+def _check_host_port(url: str, what: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise UsageError(f"invalid {what} URL {url!r}: it must start with http:// or https://")
+    if not parts.hostname or parts.username or parts.password or parts.query or parts.fragment:
+        raise UsageError(f"invalid {what} URL {url!r}: expected http(s)://host[:port][/path]")
+    try:
+        port = parts.port
+    except ValueError:
+        raise UsageError(f"invalid {what} URL {url!r}: the port must be a number 1-65535") from None
+    if port == 0:
+        raise UsageError(f"invalid {what} URL {url!r}: the port must be a number 1-65535")
+    if any(ch.isspace() for ch in url):
+        raise UsageError(f"invalid {what} URL {url!r}: it contains spaces")
+    return parts.scheme, parts.path
+
+
+def normalize_hub_url(url: str) -> str:
+    """`host:port` -> `http://host:port`; strips trailing slashes. Raises UsageError."""
+    text = url.strip()
+    if not text:
+        raise UsageError("the hub URL is empty (use --hub http://HOST:PORT)")
+    if "://" not in text:
+        text = "http://" + text
+    _check_host_port(text, "hub")
+    return text.rstrip("/")
+
+
+# OpenAI generation parameters that hub-api.md lists, with their ranges (None: unbounded that side).
+_RANGES: dict[str, tuple[type, float | None, float | None]] = {
+    "temperature": (float, 0.0, 2.0),
+    "top_p": (float, 0.0, 1.0),
+    "max_tokens": (int, 1, None),
+    "frequency_penalty": (float, -2.0, 2.0),
+    "presence_penalty": (float, -2.0, 2.0),
+    "seed": (int, None, None),
+}
+
+
+def _typed_value(raw: str) -> Any:
+    """`0.7` -> 0.7, `2048` -> 2048, `["\\n"]` -> list, `true` -> True; anything else stays a string."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Range-check the known OpenAI parameters; unknown keys pass through unchanged."""
+    for key, value in config.items():
+        if key == "stop":
+            if isinstance(value, str):
+                continue
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise UsageError(f"config stop={json.dumps(value)}: expected a string or a list of strings")
+            continue
+        if key not in _RANGES:
+            continue
+        kind, low, high = _RANGES[key]
+        number_ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int and not (number_ok and float(value).is_integer()):
+            raise UsageError(f"config {key}={json.dumps(value)}: expected an integer")
+        if not number_ok or not math.isfinite(float(value)):
+            raise UsageError(f"config {key}={json.dumps(value)}: expected a number")
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+            raise UsageError(f"config {key}={json.dumps(value)} is out of range ({span})")
+        if kind is int:
+            config[key] = int(value)
+    return config
+
+
+def parse_config(pairs: list[str], config_file: Path | None = None) -> dict[str, Any] | None:
+    """Merge `--config-file` (JSON or TOML) and `--config KEY=VALUE` pairs (pairs win); None if empty."""
+    config: dict[str, Any] = {}
+    if config_file is not None:
+        config.update(_read_config_file(config_file))
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"invalid --config {pair!r}: expected KEY=VALUE, as in temperature=0.7")
+        config[key] = _typed_value(raw)
+    return validate_config(config) if config else None
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read --config-file {str(path)!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--config-file {str(path)!r} is not UTF-8 text") from None
+    data: Any
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib  # type: ignore[import-not-found,unused-ignore]
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef,import-not-found,unused-ignore]
+        try:
+            data = tomllib.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"--config-file {str(path)!r} is not valid TOML: {exc}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"--config-file {str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config-file {str(path)!r} must hold an object of KEY: VALUE")
+    return data

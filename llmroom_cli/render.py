@@ -1,0 +1,302 @@
+"""The only module that imports rich: tables, the live join panel, JSON lines and plain lines."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import IO, Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from llmroom_cli.session import Status
+
+
+def _console(file: IO[str] | None = None) -> Console:
+    return Console(file=file or sys.stdout, highlight=False, soft_wrap=False)
+
+
+def ago(ms: int | float | None, now_ms: float | None = None) -> str:
+    """1709409600000 -> '4s ago' / '3m ago' / '2h ago' / '5d ago'."""
+    if not isinstance(ms, (int, float)) or isinstance(ms, bool):
+        return "-"
+    now = time.time() * 1000 if now_ms is None else now_ms
+    secs = max(0, int((now - ms) / 1000))
+    if secs < 60:
+        return f"{secs}s ago"
+    if secs < 3600:
+        return f"{secs // 60}m ago"
+    if secs < 86400:
+        return f"{secs // 3600}h ago"
+    return f"{secs // 86400}d ago"
+
+
+def _text(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value).replace("\t", " ").replace("\n", " ")
+
+
+ROOM_COLUMNS = ("CODE", "NAME", "PARTICIPANTS", "AGE")
+PARTICIPANT_COLUMNS = ("NICKNAME", "MODEL", "STATUS", "GPU", "VRAM", "RAM", "ENDPOINT", "LAST SEEN")
+
+
+def room_rows(rooms: Sequence[dict[str, Any]], now_ms: float | None = None) -> list[list[str]]:
+    return [
+        [
+            _text(r.get("code")),
+            _text(r.get("name")),
+            _text(r.get("participantCount", 0)),
+            ago(r.get("createdAt"), now_ms),
+        ]
+        for r in rooms
+    ]
+
+
+def _gb(value: Any) -> str:
+    return f"{value} GB" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def participant_rows(parts: Sequence[dict[str, Any]], now_ms: float | None = None) -> list[list[str]]:
+    rows = []
+    for p in parts:
+        specs = p.get("specs") if isinstance(p.get("specs"), dict) else {}
+        assert isinstance(specs, dict)
+        rows.append(
+            [
+                _text(p.get("nickname")),
+                _text(p.get("model")),
+                _text(p.get("status")),
+                _text(specs.get("gpu")),
+                _gb(specs.get("vram")),
+                _gb(specs.get("ram")),
+                _text(p.get("endpoint")),
+                ago(p.get("lastSeen"), now_ms),
+            ]
+        )
+    return rows
+
+
+def build_table(columns: Sequence[str], rows: Sequence[Sequence[str]], dim: Sequence[bool] = ()) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for i, row in enumerate(rows):
+        table.add_row(*row, style="dim" if i < len(dim) and dim[i] else None)
+    return table
+
+
+def print_table(
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    dim: Sequence[bool] = (),
+    empty: str = "",
+    file: IO[str] | None = None,
+) -> None:
+    """A rich table on a terminal; tab-separated lines without a header when piped (for scripts)."""
+    out = file or sys.stdout
+    if not out.isatty():
+        for row in rows:
+            out.write("\t".join(row) + "\n")
+        out.flush()
+        return
+    console = _console(out)
+    if not rows:
+        if empty:
+            console.print(empty, style="dim")
+        return
+    console.print(build_table(columns, rows, dim))
+
+
+def rooms_view(rooms: Sequence[dict[str, Any]]) -> tuple[list[list[str]], list[bool]]:
+    return room_rows(rooms), [False] * len(rooms)
+
+
+def participants_view(parts: Sequence[dict[str, Any]]) -> tuple[list[list[str]], list[bool]]:
+    return participant_rows(parts), [p.get("status") != "online" for p in parts]
+
+
+class Watcher:
+    """`list --watch`: a live table on a terminal, repeated plain output when piped."""
+
+    def __init__(self, columns: Sequence[str], title: str) -> None:
+        self.columns = columns
+        self.title = title
+        self.live: Live | None = None
+        if sys.stdout.isatty():
+            self.live = Live(console=_console(), auto_refresh=False, transient=False)
+            self.live.start()
+
+    def show(self, rows: list[list[str]], dim: list[bool], note: str = "") -> None:
+        if self.live is not None:
+            stamp = time.strftime("%H:%M:%S")
+            caption = Text(
+                f"{self.title} · {stamp}{' · ' + note if note else ''} · Ctrl-C to stop", style="dim"
+            )
+            self.live.update(Group(build_table(self.columns, rows, dim), caption), refresh=True)
+            return
+        for row in rows:
+            sys.stdout.write("\t".join(row) + "\n")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+
+def print_rows_table(rows: Sequence[tuple[str, str, str]], columns: Sequence[str]) -> None:
+    print_table(columns, [list(r) for r in rows])
+
+
+# -- join output ---------------------------------------------------------------------------------
+
+
+def _fmt_uptime(seconds: float) -> str:
+    s = int(seconds)
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class JoinOutput:
+    """Renders session events: JSON lines, plain state lines, a live panel, or nothing (quiet)."""
+
+    def __init__(self, mode: str, info: dict[str, str], clock: Callable[[], float] = time.monotonic) -> None:
+        self.mode = mode  # "json" | "plain" | "live" | "quiet"
+        self.info = info
+        self.clock = clock
+        self.status: Status | None = None
+        self._lock = threading.Lock()
+        self._live: Live | None = None
+        self._stop_refresh = threading.Event()
+        self._refresher: threading.Thread | None = None
+
+    # The session calls this from its worker thread.
+    def __call__(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            if self.mode == "json":
+                sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
+                sys.stdout.flush()
+            elif self.mode == "plain":
+                line = self._plain(event)
+                if line:
+                    sys.stdout.write(line + "\n")
+                    sys.stdout.flush()
+            elif self.mode == "live":
+                if event["event"] == "joined" and self._live is None:
+                    self._start_live()
+                elif event["event"] == "left":
+                    self._stop_live()
+                    _console(sys.stderr).print(self._plain(event) or "", highlight=False)
+                elif self._live is not None:
+                    self._live.update(self._panel(), refresh=True)
+
+    def _plain(self, event: dict[str, Any]) -> str | None:
+        name = event["event"]
+        if name == "joined":
+            return (
+                f"joined room {event['room']} on {event['hub']} as {event['nickname']} "
+                f"sharing {event['model']} from {event['endpoint']} (id {event['id']})"
+            )
+        if name == "reconnecting":
+            if event.get("attempt") == 1 or self._prev_state_online():
+                return f"reconnecting: {event.get('reason')}"
+            return None
+        if name == "online":
+            return "back online"
+        if name == "rejoined":
+            return "the hub had forgotten us: rejoined"
+        if name == "left":
+            return "left the room" if event.get("confirmed") else "left, but the hub did not confirm it"
+        return None
+
+    def _prev_state_online(self) -> bool:
+        # Only the first reconnecting after a stretch online is worth a line.
+        hist = list(self.status.history) if self.status else []
+        for rec in reversed(hist[:-1]):
+            if rec["event"] in ("online", "joined", "rejoined", "heartbeat"):
+                return True
+            if rec["event"] == "reconnecting":
+                return False
+        return True
+
+    # -- the live panel ---------------------------------------------------------------------------
+
+    def _start_live(self) -> None:
+        self._live = Live(self._panel(), console=_console(), auto_refresh=False, transient=False)
+        self._live.start()
+        self._refresher = threading.Thread(target=self._refresh_loop, name="llmroom-panel", daemon=True)
+        self._refresher.start()
+
+    def _refresh_loop(self) -> None:
+        while not self._stop_refresh.wait(1.0):
+            with self._lock:
+                if self._live is not None:
+                    self._live.update(self._panel(), refresh=True)
+
+    def _stop_live(self) -> None:
+        self._stop_refresh.set()
+        if self._live is not None:
+            self._live.update(self._panel(), refresh=True)
+            self._live.stop()
+            self._live = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop_live()
+
+    def note(self, text: str, table: tuple[Sequence[str], list[list[str]], list[bool]] | None = None) -> None:
+        """A message (and optionally a table) shown above the live panel, or as plain lines."""
+        with self._lock:
+            if self.mode == "quiet":
+                return
+            if self.mode == "live" and self._live is not None:
+                self._live.console.print(text, highlight=False, markup=False)
+                if table is not None:
+                    self._live.console.print(build_table(*table))
+                return
+            out = sys.stderr if self.mode == "json" else sys.stdout
+            out.write(text + "\n")
+            if table is not None:
+                for row in table[1]:
+                    out.write("\t".join(row) + "\n")
+            out.flush()
+
+    def _panel(self) -> Panel:
+        st = self.status
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold")
+        grid.add_column()
+        for key in ("room", "hub", "nickname", "model", "endpoint"):
+            grid.add_row(key, self.info.get(key, "-"))
+        if st is not None:
+            colour = {"online": "green", "reconnecting": "yellow", "left": "blue"}.get(st.state, "white")
+            state = Text(st.state, style=f"bold {colour}")
+            if st.state == "reconnecting" and st.last_error:
+                state.append(f"  {st.last_error}", style="yellow")
+            grid.add_row("status", state)
+            now = self.clock()
+            if st.last_beat_at is not None:
+                rtt = f"{st.last_rtt_ms:.1f} ms" if st.last_rtt_ms is not None else "-"
+                grid.add_row("last heartbeat", f"{now - st.last_beat_at:.0f}s ago · round trip {rtt}")
+            else:
+                grid.add_row("last heartbeat", "-")
+            if st.joined_at is not None:
+                grid.add_row("uptime", _fmt_uptime(now - st.joined_at))
+            grid.add_row("beats", str(st.beats))
+            grid.add_row("reconnects", str(st.reconnects))
+        return Panel(grid, title="llmroom", subtitle="Ctrl-C to leave", expand=False)
+
+
+def print_text(text: str, style: str | None = None, file: IO[str] | None = None) -> None:
+    """A line on a console (styled on a terminal, plain elsewhere)."""
+    _console(file).print(text, style=style, highlight=False, markup=False)

@@ -1,0 +1,117 @@
+"""Parsing user input: room codes, hub URLs, generation config (all exit 2, before any request)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llmroom_cli.errors import UsageError
+from llmroom_cli.options import normalize_hub_url, parse_config, parse_room_code
+
+CODE_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("abc123", "ABC123"), ("ABC123", "ABC123"), ("-YLUHJ", "-YLUHJ"), ("a_b-c1", "A_B-C1"), (" xyz789 ", "XYZ789")],
+)
+def test_room_codes_are_normalised_to_upper_case(raw: str, expected: str) -> None:
+    assert parse_room_code(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["", "ABC12", "ABC1234", "ABC 12", "ABC12!", "ÄBC123", "abc/12"])
+def test_bad_room_codes_are_usage_errors(raw: str) -> None:
+    with pytest.raises(UsageError) as info:
+        parse_room_code(raw)
+    assert info.value.exit_code == 2
+    assert "6 characters" in info.value.message
+
+
+@given(st.text(alphabet=CODE_ALPHABET, min_size=6, max_size=6))
+def test_every_reference_code_is_accepted(code: str) -> None:
+    assert parse_room_code(code) == code.upper()
+
+
+@given(st.text(max_size=12))
+def test_code_parsing_never_crashes(text: str) -> None:
+    try:
+        out = parse_room_code(text)
+    except UsageError:
+        return
+    assert len(out) == 6 and all(c in CODE_ALPHABET.upper() for c in out)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("localhost:3000", "http://localhost:3000"),
+        ("http://hub.lan:3000/", "http://hub.lan:3000"),
+        ("https://hub.example/base/", "https://hub.example/base"),
+        ("10.0.0.5:80", "http://10.0.0.5:80"),
+    ],
+)
+def test_hub_urls(raw: str, expected: str) -> None:
+    assert normalize_hub_url(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw", ["", "ftp://hub:3000", "http://", "http://hub:notaport", "http://hub:99999", "http://u:p@hub:1", "http://h/?q=1"]
+)
+def test_bad_hub_urls(raw: str) -> None:
+    with pytest.raises(UsageError):
+        normalize_hub_url(raw)
+
+
+def test_config_values_are_typed() -> None:
+    cfg = parse_config(["temperature=0.7", "max_tokens=2048", 'stop=["\\n"]', "mirostat=2", "name=plain text"])
+    assert cfg == {"temperature": 0.7, "max_tokens": 2048, "stop": ["\n"], "mirostat": 2, "name": "plain text"}
+    assert isinstance(cfg["max_tokens"], int)
+
+
+def test_no_config_is_none() -> None:
+    assert parse_config([]) is None
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        "temperature=2.5",
+        "temperature=-0.1",
+        "top_p=1.5",
+        "max_tokens=0",
+        "max_tokens=1.5",
+        "frequency_penalty=3",
+        "presence_penalty=-2.1",
+        "seed=abc",
+        "temperature=hot",
+        "stop=[1,2]",
+        "noequals",
+        "=1",
+    ],
+)
+def test_out_of_range_config_is_a_usage_error(pair: str) -> None:
+    with pytest.raises(UsageError):
+        parse_config([pair])
+
+
+def test_config_file_json_and_toml_with_pairs_winning(tmp_path: Path) -> None:
+    j = tmp_path / "c.json"
+    j.write_text(json.dumps({"temperature": 0.2, "top_p": 0.9}))
+    assert parse_config(["temperature=0.5"], j) == {"temperature": 0.5, "top_p": 0.9}
+    t = tmp_path / "c.toml"
+    t.write_text('temperature = 1.0\nstop = ["END"]\nmax_tokens = 64\n')
+    assert parse_config([], t) == {"temperature": 1.0, "stop": ["END"], "max_tokens": 64}
+
+
+@pytest.mark.parametrize(("name", "text"), [("bad.json", "{nope"), ("list.json", "[1]"), ("bad.toml", "= =")])
+def test_bad_config_files(tmp_path: Path, name: str, text: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UsageError):
+        parse_config([], path)
+    with pytest.raises(UsageError):
+        parse_config([], tmp_path / "missing.json")
