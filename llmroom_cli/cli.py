@@ -196,7 +196,8 @@ def serve(
     def body() -> int:
         from llmroom_cli.server import serve as run_server
 
-        return run_server(host, port, participant_timeout, quiet)
+        code: int = run_server(host, port, participant_timeout, quiet)
+        return code
 
     raise typer.Exit(_run(body, debug))
 
@@ -717,17 +718,23 @@ def demo(
 
 def main() -> None:
     """Console-script entry point; click's multi-line usage errors become one line, exit 2."""
-    from typer import _click  # typer 0.28 vendors click
+    try:
+        from typer._click import exceptions as click_exc  # typer >= 0.28 vendors click
+    except ImportError:  # pragma: no cover - older typer on plain click
+        from click import exceptions as click_exc  # type: ignore[no-redef,import-not-found,unused-ignore]
 
     try:
         code = app(prog_name="llmroom", standalone_mode=False)
-    except _click.exceptions.UsageError as exc:
+    except click_exc.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:
+            sys.stdout.write(exc.ctx.get_help() + "\n")
+            sys.exit(0)
         cmd = exc.ctx.command_path if exc.ctx is not None else "llmroom"
         _err(f"error: {exc.format_message()} (see: {cmd} --help)")
         sys.exit(2)
-    except _click.exceptions.Abort:
-        sys.exit(130)
-    except _click.exceptions.ClickException as exc:
+    except click_exc.ClickException as exc:
         _err(f"error: {exc.format_message()}")
         sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

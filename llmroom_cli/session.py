@@ -36,7 +36,7 @@ from llmroom_cli.errors import (
 Emit = Callable[[dict[str, Any]], None]
 
 # How long start-up keeps retrying an unreachable hub before exit 5 (the issue allows ~20 s at most).
-STARTUP_RETRY_S = 12.0
+STARTUP_RETRY_S = 10.0
 # Leaving must finish within 3 s even when the hub is frozen: wait this long for an in-flight request,
 LEAVE_WAIT_INFLIGHT_S = 0.8
 # then give the DELETE this long.

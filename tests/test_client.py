@@ -106,7 +106,9 @@ def test_exit_codes_of_the_tree() -> None:
 @pytest.mark.parametrize(
     "answer",
     [
-        httpx.Response(200, text="<html><body>router login</body></html>", headers={"content-type": "text/html"}),
+        httpx.Response(
+            200, text="<html><body>router login</body></html>", headers={"content-type": "text/html"}
+        ),
         httpx.Response(200, json=[1, 2, 3]),
         httpx.Response(200, json={"rooms": "nope"}),
         httpx.Response(200, content=b"\xff\xfe"),

@@ -17,7 +17,13 @@ CODE_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("abc123", "ABC123"), ("ABC123", "ABC123"), ("-YLUHJ", "-YLUHJ"), ("a_b-c1", "A_B-C1"), (" xyz789 ", "XYZ789")],
+    [
+        ("abc123", "ABC123"),
+        ("ABC123", "ABC123"),
+        ("-YLUHJ", "-YLUHJ"),
+        ("a_b-c1", "A_B-C1"),
+        (" xyz789 ", "XYZ789"),
+    ],
 )
 def test_room_codes_are_normalised_to_upper_case(raw: str, expected: str) -> None:
     assert parse_room_code(raw) == expected
@@ -59,7 +65,16 @@ def test_hub_urls(raw: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", ["", "ftp://hub:3000", "http://", "http://hub:notaport", "http://hub:99999", "http://u:p@hub:1", "http://h/?q=1"]
+    "raw",
+    [
+        "",
+        "ftp://hub:3000",
+        "http://",
+        "http://hub:notaport",
+        "http://hub:99999",
+        "http://u:p@hub:1",
+        "http://h/?q=1",
+    ],
 )
 def test_bad_hub_urls(raw: str) -> None:
     with pytest.raises(UsageError):
@@ -67,8 +82,16 @@ def test_bad_hub_urls(raw: str) -> None:
 
 
 def test_config_values_are_typed() -> None:
-    cfg = parse_config(["temperature=0.7", "max_tokens=2048", 'stop=["\\n"]', "mirostat=2", "name=plain text"])
-    assert cfg == {"temperature": 0.7, "max_tokens": 2048, "stop": ["\n"], "mirostat": 2, "name": "plain text"}
+    cfg = parse_config(
+        ["temperature=0.7", "max_tokens=2048", 'stop=["\\n"]', "mirostat=2", "name=plain text"]
+    )
+    assert cfg == {
+        "temperature": 0.7,
+        "max_tokens": 2048,
+        "stop": ["\n"],
+        "mirostat": 2,
+        "name": "plain text",
+    }
     assert isinstance(cfg["max_tokens"], int)
 
 

@@ -78,7 +78,9 @@ class ScriptedHub:
 def make_session(hub: ScriptedHub, **plan_kw: Any) -> tuple[Session, list[dict[str, Any]]]:
     events: list[dict[str, Any]] = []
     http = httpx.Client(transport=httpx.MockTransport(hub), trust_env=False)
-    plan = JoinPlan("http://hub.test", "ABC123", "pid-1", "alice", "llama3.2:latest", "http://127.0.0.1:11434")
+    plan = JoinPlan(
+        "http://hub.test", "ABC123", "pid-1", "alice", "llama3.2:latest", "http://127.0.0.1:11434"
+    )
     for key, value in plan_kw.items():
         setattr(plan, key, value)
     return Session(HubClient(http, "http://hub.test"), plan, events.append, startup_retry_s=0.5), events

@@ -1,0 +1,180 @@
+"""The CLI as a user and a script meet it: real subprocesses against a real hub on port 0."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from llmroom_cli import __version__
+from llmroom_cli.server import RunningHub, start_hub
+from llmroom_cli.standin import StandIn
+from tests.helpers import cli
+
+HEAVY = ("httpx", "rich", "psutil", "pynvml", "llmroom_cli.server", "zeroconf")
+
+
+@pytest.fixture
+def hub() -> Iterator[RunningHub]:
+    h = start_hub(port=0)
+    yield h
+    h.stop()
+
+
+def test_version() -> None:
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"llmroom {__version__}"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["join", "--help"], ["list", "--help"]])
+def test_help_and_version_import_nothing_heavy(args: list[str]) -> None:
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "llmroom_cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    imported = {
+        line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")
+    }
+    heavy = sorted(m for m in imported if m.split(".")[0] in HEAVY or m in HEAVY)
+    assert heavy == []
+
+
+def test_help_lists_commands_and_exit_codes() -> None:
+    r = cli("--help")
+    for word in ("join", "leave", "create", "list", "serve", "specs", "demo", "Exit codes"):
+        assert word in r.stdout
+    assert "llmroom join -- -YLUHJ" in cli("join", "--help").stdout.replace("\n", " ").replace("  ", " ")
+
+
+def test_create_prints_only_the_code_when_piped_and_list_shows_it(hub: RunningHub) -> None:
+    r = cli("create", "Hack night", "--hub", hub.url)
+    assert r.returncode == 0, r.stderr
+    code = r.stdout.strip()
+    assert re.fullmatch(r"[A-Z0-9]{6}", code)
+    rooms = cli("list", "--hub", hub.url)
+    assert rooms.returncode == 0
+    line = rooms.stdout.strip().split("\t")
+    assert line[:3] == [code, "Hack night", "0"]
+    assert line[3].endswith("s ago")
+
+
+def test_create_json_prints_the_hub_body(hub: RunningHub) -> None:
+    r = cli("create", "R", "--hub", hub.url, "--json")
+    body = json.loads(r.stdout)
+    assert set(body) == {"room", "hostId"} and body["room"]["name"] == "R"
+
+
+def test_create_with_password_stdin(hub: RunningHub) -> None:
+    r = cli(
+        "create", "Locked", "--hub", hub.url.removeprefix("http://"), "--password-stdin", input="s3cret\n"
+    )
+    assert r.returncode == 0, r.stderr
+    code = r.stdout.strip()
+    room = {r["code"]: r for r in json.loads(cli("list", "--hub", hub.url, "--json").stdout)["rooms"]}[code]
+    assert "password" not in json.dumps(room) and "s3cret" not in r.stderr + r.stdout
+
+
+def test_list_participants_piped_and_json(hub: RunningHub) -> None:
+    code = hub.state.create_room("room two")["code"]
+    import httpx
+
+    body = {
+        "id": "p1",
+        "nickname": "bob",
+        "model": "llama3.2:3b",
+        "endpoint": "http://10.0.0.2:11434",
+        "specs": {"gpu": "NVIDIA H200", "vram": 140, "ram": 64, "extra": {"nested": [1]}},
+    }
+    httpx.post(f"{hub.url}/rooms/{code}/join", json=body, trust_env=False).raise_for_status()
+    r = cli("list", code, "--hub", hub.url)
+    assert r.returncode == 0, r.stderr
+    cols = r.stdout.rstrip("\n").split("\t")
+    assert cols[:7] == [
+        "bob",
+        "llama3.2:3b",
+        "online",
+        "NVIDIA H200",
+        "140 GB",
+        "64 GB",
+        "http://10.0.0.2:11434",
+    ]
+    raw = httpx.get(f"{hub.url}/rooms/{code}/participants", trust_env=False).json()
+    assert json.loads(cli("list", code, "--hub", hub.url, "--json").stdout) == raw
+
+
+def test_leave_removes_a_participant(hub: RunningHub) -> None:
+    import httpx
+
+    code = hub.state.create_room("r")["code"]
+    body = {"id": "p1", "nickname": "n", "model": "m", "endpoint": "http://127.0.0.1:1"}
+    httpx.post(f"{hub.url}/rooms/{code}/join", json=body, trust_env=False).raise_for_status()
+    assert cli("leave", code, "p1", "--hub", hub.url).returncode == 0
+    assert hub.state.participants(code) == []
+    again = cli("leave", code, "p1", "--hub", hub.url)
+    assert again.returncode == 1 and "does not know this participant" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["list", "BAD!!!"], 2),
+        (["list", "ZZZ999"], 3),
+        (["leave", "ABC12", "x"], 2),
+        (["create", ""], 2),
+        (["list", "--hub", "ftp://nope"], 2),
+        (["nonsense"], 2),
+        (["list", "--unknown"], 2),
+    ],
+)
+def test_errors_are_one_line_with_their_exit_code(hub: RunningHub, args: list[str], code: int) -> None:
+    extra = [] if "--hub" in args or args == ["nonsense"] else ["--hub", hub.url]
+    r = cli(*args, *extra)
+    assert r.returncode == code, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:")
+
+
+def test_hub_unreachable_is_exit_5_naming_the_url() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    r = cli("list", "--hub", url)
+    assert r.returncode == 5
+    assert url in r.stderr and "llmroom serve" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_not_a_hub_is_exit_5() -> None:
+    with StandIn() as llm:  # something that speaks HTTP, but not the hub API
+        r = cli("list", "--hub", llm.url)
+    assert r.returncode == 5
+    assert "not the hub API" in r.stderr or "unexpected shape" in r.stderr
+
+
+def test_env_var_sets_the_hub(hub: RunningHub) -> None:
+    import os
+
+    env = dict(os.environ, LLMROOM_HUB=hub.url)
+    hub.state.create_room("from env")
+    r = cli("list", env=env)
+    assert "from env" in r.stdout
+
+
+def test_debug_shows_a_traceback_on_error() -> None:
+    r = cli("list", "--hub", "http://127.0.0.1:1", "--debug")
+    assert r.returncode == 5 and "Traceback" in r.stderr
+
+
+def test_demo_runs_end_to_end() -> None:
+    r = cli("demo", "--duration", "1", "--interval", "0.2")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "room" in out and "Hello from the llmroom stand-in model" in out
+    assert "joined room" in out and out.strip().endswith("left the room")

@@ -1,0 +1,358 @@
+"""`llmroom join` as a real process, with real signals, against a real hub on an ephemeral port that
+the tests make misbehave (slow, frozen, 500, HTML, forgetting participants, deleting rooms, going down
+and coming back on the same port)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+
+from llmroom_cli.server import RunningHub, start_hub
+from llmroom_cli.standin import MODEL, StandIn
+from tests.helpers import Agent, cli, wait_for
+
+INTERVAL = "0.05"
+
+
+@pytest.fixture
+def hub() -> Iterator[RunningHub]:
+    h = start_hub(port=0, participant_timeout_s=30.0)
+    yield h
+    h.stop()
+
+
+@pytest.fixture
+def llm() -> Iterator[StandIn]:
+    with StandIn() as s:
+        yield s
+
+
+@pytest.fixture
+def room(hub: RunningHub) -> str:
+    code: str = hub.state.create_room("test room")["code"]
+    return code
+
+
+def agent(hub: RunningHub, llm: StandIn, room: str, *extra: str, **kw: str) -> Agent:
+    return Agent(room, "--hub", hub.url, "-e", llm.url, "--json", "--interval", INTERVAL, *extra, **kw)  # type: ignore[arg-type]
+
+
+def listed(hub: RunningHub, room: str) -> list[dict[str, object]]:
+    return hub.state.participants(room)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_join_heartbeat_and_leave_on_signal(hub: RunningHub, llm: StandIn, room: str, sig: int) -> None:
+    a = agent(hub, llm, room, "--nickname", "alice")
+    joined = a.wait_event("joined")
+    assert joined["room"] == room and joined["model"] == MODEL and joined["endpoint"] == llm.url
+    assert joined["nickname"] == "alice" and isinstance(joined["specs"], dict)
+    beat = a.wait_event("heartbeat", count=3)
+    assert beat["seq"] == 3 and beat["rtt_ms"] >= 0
+    (p,) = listed(hub, room)
+    assert p["status"] == "online" and p["nickname"] == "alice" and p["model"] == MODEL
+    a.signal(sig)
+    assert a.finish() == 0, a.stderr
+    assert a.events[0]["event"] == "joined"
+    assert a.events[-1] == {"event": "left", "ts": a.events[-1]["ts"], "confirmed": True}
+    assert listed(hub, room) == []
+    assert "Traceback" not in a.stderr
+
+
+def test_first_beat_one_interval_after_join_and_one_per_interval(
+    hub: RunningHub, llm: StandIn, room: str
+) -> None:
+    a = agent(hub, llm, room)
+    a.wait_event("heartbeat", count=5)
+    a.signal()
+    a.finish()
+    joined_ts = a.events[0]["ts"]
+    beats = [e["ts"] for e in a.events if e["event"] == "heartbeat"]
+    # Each beat comes after the join plus its own slot of the schedule (never early, never bunched).
+    for k, ts in enumerate(beats, 1):
+        assert ts >= joined_ts + k * 50 - 5
+    assert len({e["seq"] for e in a.events if e["event"] == "heartbeat"}) == len(beats)
+
+
+def test_rides_out_500_and_html_and_says_when_back(hub: RunningHub, llm: StandIn, room: str) -> None:
+    a = agent(hub, llm, room)
+    a.wait_event("heartbeat")
+    hub.fault = "500"
+    first = a.wait_event("reconnecting")
+    assert first["attempt"] == 1 and "500" in first["reason"]
+    hub.fault = "html"
+    a.wait_event("reconnecting", count=3)
+    hub.fault = None
+    a.wait_event("online")
+    n = len([e for e in a.events if e["event"] == "heartbeat"])
+    a.wait_event("heartbeat", count=n + 1)
+    a.signal()
+    assert a.finish() == 0
+    assert listed(hub, room) == []
+
+
+def test_frozen_hub_times_out_beats_and_leave_still_exits_zero(
+    hub: RunningHub, llm: StandIn, room: str
+) -> None:
+    a = agent(hub, llm, room, "--interval", "0.2")
+    a.wait_event("heartbeat")
+    hub.fault = "freeze"
+    reason = a.wait_event("reconnecting")["reason"]
+    assert "did not answer in time" in reason
+    a.signal(signal.SIGTERM)
+    assert a.finish() == 0
+    assert a.events[-1]["event"] == "left" and a.events[-1]["confirmed"] is False
+    assert "did not confirm" in a.stderr
+    hub.fault = None
+
+
+def test_second_ctrl_c_exits_at_once(hub: RunningHub, llm: StandIn, room: str) -> None:
+    a = agent(hub, llm, room)
+    a.wait_event("heartbeat")
+    hub.fault = "freeze"
+    a.signal(signal.SIGINT)
+    wait_for(lambda: hub.frozen_requests() > 0, "the leave to reach the frozen hub")
+    a.signal(signal.SIGINT)
+    assert a.finish() == 130
+    assert "interrupted again" in a.stderr and "Traceback" not in a.stderr
+    hub.fault = None
+
+
+def test_forgotten_participant_rejoins_with_same_id(hub: RunningHub, llm: StandIn, room: str) -> None:
+    a = agent(hub, llm, room)
+    pid = a.wait_event("joined")["id"]
+    a.wait_event("heartbeat")
+    assert hub.state.forget_participant(room, pid)
+    a.wait_event("rejoined")
+    wait_for(lambda: [p["id"] for p in listed(hub, room)] == [pid], "the participant to be listed again")
+    a.signal()
+    assert a.finish() == 0
+
+
+def test_room_deleted_exits_3_with_error_event(hub: RunningHub, llm: StandIn, room: str) -> None:
+    a = agent(hub, llm, room)
+    a.wait_event("heartbeat")
+    hub.state.delete_room(room)
+    assert a.finish() == 3
+    assert a.events[-1]["event"] == "error" and a.events[-1]["code"] == 3
+    assert "gone" in a.stderr and len(a.stderr.strip().splitlines()) == 1
+
+
+def test_hub_down_then_back_on_same_port_with_its_rooms(llm: StandIn) -> None:
+    hub = start_hub(port=0)
+    room = hub.state.create_room("r")["code"]
+    a = Agent(room, "--hub", hub.url, "-e", llm.url, "--json", "--interval", INTERVAL)
+    try:
+        a.wait_event("heartbeat")
+        state, port = hub.state, hub.port
+        hub.stop()
+        a.wait_event("reconnecting")
+        hub = start_hub(port=port, state=state)
+        a.wait_event("online")
+        assert [p["status"] for p in hub.state.participants(room)] == ["online"]
+        a.signal()
+        assert a.finish() == 0
+        assert hub.state.participants(room) == []
+    finally:
+        a.kill()
+        hub.stop()
+
+
+def test_restarted_hub_without_rooms_exits_3(llm: StandIn) -> None:
+    hub = start_hub(port=0)
+    room = hub.state.create_room("r")["code"]
+    a = Agent(room, "--hub", hub.url, "-e", llm.url, "--json", "--interval", INTERVAL)
+    try:
+        a.wait_event("heartbeat")
+        port = hub.port
+        hub.stop()
+        hub = start_hub(port=port)
+        assert a.finish() == 3
+        assert a.events[-1]["event"] == "error"
+    finally:
+        a.kill()
+        hub.stop()
+
+
+def test_stable_id_upserts_instead_of_listing_a_ghost(hub: RunningHub, llm: StandIn, room: str) -> None:
+    ids = []
+    for _ in range(2):
+        a = agent(hub, llm, room)
+        ids.append(a.wait_event("joined")["id"])
+        a.proc.kill()  # a crash: no leave
+        a.proc.wait()
+    assert ids[0] == ids[1]
+    assert len(listed(hub, room)) == 1
+    assert cli("leave", room, ids[0], "--hub", hub.url).returncode == 0
+    assert listed(hub, room) == []
+
+
+def test_room_not_found_at_join_is_exit_3(hub: RunningHub, llm: StandIn) -> None:
+    a = Agent("ZZZ999", "--hub", hub.url, "-e", llm.url, "--json")
+    assert a.finish() == 3
+    assert a.names() == ["error"]
+
+
+def test_password_protected_room(hub: RunningHub, llm: StandIn) -> None:
+    room = hub.state.create_room("secret room", password="hunter22")["code"]
+    wrong = Agent(room, "--hub", hub.url, "-e", llm.url, "--json", "--password-stdin", stdin="nope\n")
+    assert wrong.finish() == 4
+    assert wrong.names() == ["error"] and "password" in wrong.stderr
+    env = dict(os.environ, LLMROOM_PASSWORD="hunter22")
+    ok = Agent(room, "--hub", hub.url, "-e", llm.url, "--json", "--interval", INTERVAL, env=env)
+    ok.wait_event("heartbeat")
+    ok.signal()
+    assert ok.finish() == 0
+    piped = Agent(room, "--hub", hub.url, "-e", llm.url, "--json", "--password-stdin", stdin="hunter22\n")
+    piped.wait_event("joined")
+    piped.signal()
+    assert piped.finish() == 0
+    for a in (wrong, ok, piped):
+        assert "hunter22" not in "".join(a.raw) + a.stderr
+
+
+def test_password_on_command_line_warns(hub: RunningHub, llm: StandIn) -> None:
+    room = hub.state.create_room("r", password="pw123")["code"]
+    a = Agent(room, "--hub", hub.url, "-e", llm.url, "--json", "--password", "pw123")
+    a.wait_event("joined")
+    a.signal()
+    assert a.finish() == 0
+    assert "process list" in a.stderr and "pw123" not in a.stderr + "".join(a.raw)
+
+
+def test_endpoint_down_is_exit_6_before_any_hub_request(hub: RunningHub, room: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    r = cli("join", room, "--hub", hub.url, "-e", dead)
+    assert r.returncode == 6, r.stderr
+    assert dead in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert hub.requests_seen() == 0
+
+
+def test_unknown_model_is_exit_6_listing_served_models(hub: RunningHub, llm: StandIn, room: str) -> None:
+    r = cli("join", room, "--hub", hub.url, "-e", llm.url, "-m", "mistral")
+    assert r.returncode == 6
+    assert MODEL in r.stderr
+    assert hub.requests_seen() == 0
+
+
+def test_ollama_short_name_means_latest(hub: RunningHub, llm: StandIn, room: str) -> None:
+    a = agent(hub, llm, room, "-m", MODEL.removesuffix(":latest"))
+    assert a.wait_event("joined")["model"] == MODEL
+    a.signal()
+    assert a.finish() == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["BAD"],
+        ["ABC123", "--interval", "0.001"],
+        ["ABC123", "-e", "ftp://x"],
+        ["ABC123", "--hub", "http://h:badport"],
+        ["ABC123", "-c", "temperature=9"],
+        ["ABC123", "-c", "oops"],
+        ["ABC123", "--config-file", "/nonexistent.json"],
+        ["ABC123", "--nickname", ""],
+        ["ABC123", "--bogus-flag"],
+    ],
+)
+def test_usage_errors_are_exit_2_one_line_no_request(args: list[str]) -> None:
+    # The hub and endpoint URLs point at a listener that would record any connection.
+    with socket.socket() as trap:
+        trap.bind(("127.0.0.1", 0))
+        trap.listen()
+        trap.settimeout(0.0)
+        url = f"http://127.0.0.1:{trap.getsockname()[1]}"
+        extra = [] if any(a in ("--hub", "-e") for a in args) else ["--hub", url, "-e", url]
+        r = cli("join", *args, *extra)
+        assert r.returncode == 2, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:")
+        with pytest.raises(BlockingIOError):
+            trap.accept()
+
+
+def test_code_starting_with_dash_after_double_dash(hub: RunningHub, llm: StandIn) -> None:
+    r = cli("join", "--hub", hub.url, "-e", llm.url, "--", "-YLUHJ")
+    assert r.returncode == 3  # parsed as a code, and the hub has no such room
+    assert "room not found" in r.stderr
+
+
+def test_hub_unreachable_at_startup_is_exit_5(llm: StandIn) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    r = cli("join", "ABC123", "--hub", dead, "-e", llm.url)
+    assert r.returncode == 5
+    assert dead in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plain_output_has_one_line_per_state_change(hub: RunningHub, llm: StandIn, room: str) -> None:
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llmroom_cli",
+            "join",
+            room,
+            "--hub",
+            hub.url,
+            "-e",
+            llm.url,
+            "--interval",
+            INTERVAL,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    assert p.stdout is not None
+    first = p.stdout.readline()
+    assert first.startswith(f"joined room {room} on {hub.url}")
+    wait_for(lambda: any(x["status"] == "online" for x in listed(hub, room)), "the participant online")
+    hub.fault = "500"
+    assert p.stdout.readline().startswith("reconnecting:")
+    hub.fault = None
+    assert p.stdout.readline().strip() == "back online"
+    p.send_signal(signal.SIGINT)
+    rest, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert rest.strip() == "left the room"
+
+
+def test_shell_script_joins_in_background_and_kill_leaves_nothing(
+    hub: RunningHub, llm: StandIn, room: str
+) -> None:
+    script = textwrap.dedent(
+        f"""
+        set -e
+        {sys.executable} -m llmroom_cli join {room} --hub {hub.url} -e {llm.url} --json \\
+            --interval 0.05 > "$EV" &
+        pid=$!
+        until grep -q '"event":"joined"' "$EV"; do sleep 0.05; done
+        kill "$pid"
+        wait "$pid"
+        echo "exit=$?"
+        """
+    )
+    env = dict(os.environ, EV=str(hub_tmp_file()))
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert "exit=0" in r.stdout, r.stderr
+    assert listed(hub, room) == []
+
+
+def hub_tmp_file() -> str:
+    import tempfile
+
+    fd, path = tempfile.mkstemp(suffix=".jsonl")
+    os.close(fd)
+    return path
