@@ -160,6 +160,12 @@ class HubClient:
             )
         if status >= 500:
             raise HubUnavailable(f"the hub at {self.base_url} failed: {status} {message}")
+        if status in (404, 405):
+            # Every route we call exists on a hub: a server without it is not speaking the hub API.
+            raise HubProtocolError(
+                f"{self.base_url} does not know {method} {path} ({status} {message}): it is not the hub API",
+                "check the --hub URL",
+            )
         raise HubRejected(f"the hub at {self.base_url} refused {method} {path}: {message}", status)
 
     def _unreachable(self, exc: Exception) -> HubUnavailable:

@@ -45,6 +45,8 @@ def wait_for(cond: Callable[[], Any], what: str, timeout: float = WAIT_S, poll: 
 class Agent:
     """`llmroom join ... --json` running in the background; stdout lines are read as JSON events."""
 
+    running: list[Agent] = []
+
     def __init__(self, *args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmroom_cli", "join", *args],
@@ -63,7 +65,9 @@ class Agent:
         self.raw: list[str] = []
         self.stderr = ""
         self._eof = False
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        Agent.running.append(self)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -114,7 +118,16 @@ class Agent:
         while self._drain(WAIT_S):
             pass
         self._finish_stderr()
+        self._close()
         return code
+
+    def _close(self) -> None:
+        self._reader.join(timeout=WAIT_S)
+        for stream in (self.proc.stdout, self.proc.stderr, self.proc.stdin):
+            if stream is not None and not stream.closed:
+                stream.close()
+        if self in Agent.running:
+            Agent.running.remove(self)
 
     def _finish_stderr(self) -> None:
         if self.proc.stderr is not None and not self.stderr:
@@ -124,3 +137,10 @@ class Agent:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._finish_stderr()
+        self._close()
+
+    @classmethod
+    def kill_all(cls) -> None:
+        for agent in list(cls.running):
+            agent.kill()
