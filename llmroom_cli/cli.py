@@ -6,11 +6,8 @@ them, so `llmroom --help` and `llmroom --version` stay fast.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import threading
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -19,9 +16,14 @@ import typer
 
 from llmroom_cli import __version__
 from llmroom_cli.errors import EndpointError, InvalidPassword, LlmroomError, UsageError
-from llmroom_cli.options import DEFAULT_HUB, normalize_hub_url, parse_config, parse_room_code
+
+# Modules that only some commands need (json, threading, traceback, the option parsers) are imported
+# inside those commands: `--help` and `--version` pay for typer alone.
+DEFAULT_HUB = "http://localhost:3000"
 
 if TYPE_CHECKING:
+    import threading
+
     import httpx
 
     from llmroom_cli.client import HubClient
@@ -95,7 +97,7 @@ def _run(fn: Callable[[], T], debug: bool = False) -> T:
         return fn()
     except LlmroomError as exc:
         if _state["debug"]:
-            traceback.print_exc()
+            _print_traceback()
         _fail(exc)
     except (typer.Exit, typer.Abort):
         raise
@@ -103,7 +105,7 @@ def _run(fn: Callable[[], T], debug: bool = False) -> T:
         raise typer.Exit(130) from None
     except Exception as exc:
         if _state["debug"]:
-            traceback.print_exc()
+            _print_traceback()
         _err(f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for a traceback)")
         raise typer.Exit(1) from None
 
@@ -126,8 +128,22 @@ def _enable_http_trace() -> None:
     logger.addHandler(handler)
 
 
+def _print_traceback() -> None:
+    import traceback
+
+    traceback.print_exc()
+
+
 def _hub(hub: str) -> str:
+    from llmroom_cli.options import normalize_hub_url
+
     return normalize_hub_url(hub)
+
+
+def _code(code: str) -> str:
+    from llmroom_cli.options import parse_room_code
+
+    return parse_room_code(code)
 
 
 def _http(*urls: str) -> httpx.Client:
@@ -151,6 +167,8 @@ def _read_password_stdin() -> str:
 
 
 def _print_json(data: Any) -> None:
+    import json
+
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
     sys.stdout.flush()
 
@@ -254,7 +272,7 @@ def list_(
     age. Participants: nickname, model, status, GPU, VRAM, RAM, endpoint, last seen."""
 
     def body() -> None:
-        room = parse_room_code(code) if code is not None else None
+        room = _code(code) if code is not None else None
         hub_url = _hub(hub)
         client = _client(hub_url)
         if watch:
@@ -282,6 +300,9 @@ def list_(
 
 def _watch(client: HubClient, room: str | None, json_out: bool) -> None:
     """Follow the room's event stream where the hub has one, else poll every 2 s, until Ctrl-C."""
+    import json
+    import threading
+
     from llmroom_cli import render
     from llmroom_cli.errors import HubUnavailable
 
@@ -354,7 +375,7 @@ def leave(
     """Remove a participant from a room (to clean up after a crash)."""
 
     def body() -> None:
-        room = parse_room_code(code)
+        room = _code(code)
         if not participant_id.strip():
             raise UsageError("the participant id is empty")
         hub_url = _hub(hub)
@@ -529,7 +550,7 @@ def join(
 
     def body() -> int:
         try:
-            room = parse_room_code(code)
+            room = _code(code)
             hub_url = _hub(hub)
             if not 0.01 <= interval <= 3600:
                 raise UsageError(f"--interval {interval}: expected seconds from 0.01 to 3600")
@@ -538,6 +559,8 @@ def join(
                 raise UsageError("--nickname must be 1 to 64 characters")
             if participant_id is not None and not (0 < len(participant_id.strip()) <= 128):
                 raise UsageError("--id must be 1 to 128 characters")
+            from llmroom_cli.options import parse_config
+
             cfg = parse_config(config or [], config_file)
             if password_stdin and password is not None:
                 raise UsageError("give the password once: --password-stdin or --password, not both")
@@ -557,6 +580,7 @@ def join(
 
 
 def _emit_json_error(code: int, message: str) -> None:
+    import json
     import time
 
     sys.stdout.write(
@@ -578,6 +602,8 @@ def _prepare_share(
     http: httpx.Client, ep: str, model: str | None, no_specs: bool, wait: bool, mode: str
 ) -> tuple[str, dict[str, Any] | None]:
     """Check the endpoint and pick the model while the specs are detected in parallel."""
+    import threading
+
     from llmroom_cli import endpoints
 
     found: dict[str, Any] = {}
@@ -633,6 +659,8 @@ def _join_flow(
     output_hook: Callable[[Any], None] | None = None,
 ) -> int:
     """Everything `join` does after parsing; `demo` runs it too."""
+    import threading
+
     from llmroom_cli import endpoints
     from llmroom_cli.client import HubClient
     from llmroom_cli.errors import RoomNotFound

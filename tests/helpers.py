@@ -130,7 +130,7 @@ class Agent:
             Agent.running.remove(self)
 
     def _finish_stderr(self) -> None:
-        if self.proc.stderr is not None and not self.stderr:
+        if self.proc.stderr is not None and not self.proc.stderr.closed and not self.stderr:
             self.stderr = self.proc.stderr.read()
 
     def kill(self) -> None:
