@@ -539,6 +539,16 @@ def join(
         float, typer.Option("--interval", help="Seconds between heartbeats (>= 0.01).")
     ] = 10.0,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for a loading server to be ready.")] = False,
+    advertise: Annotated[
+        str | None,
+        typer.Option(
+            "--advertise",
+            help="Publish this URL to the hub instead (proxy, tunnel, container); still checked to answer.",
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Publish the endpoint even if the hub's side cannot reach it.")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="JSON-lines events on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
     debug: DebugOpt = False,
@@ -567,6 +577,8 @@ def join(
             from llmroom_cli import endpoints
 
             ep = endpoints.normalize_endpoint(endpoint)
+            if advertise is not None:
+                endpoints.normalize_endpoint(advertise)
             secret = _resolve_password(password_stdin, password)
             return _join_flow(
                 room, hub_url, ep, model, nick, secret, cfg, no_specs, participant_id, interval, wait, mode
@@ -599,9 +611,18 @@ def _resolve_password(password_stdin: bool, password: str | None) -> str | None:
 
 
 def _prepare_share(
-    http: httpx.Client, ep: str, model: str | None, no_specs: bool, wait: bool, mode: str
-) -> tuple[str, dict[str, Any] | None]:
-    """Check the endpoint and pick the model while the specs are detected in parallel."""
+    http: httpx.Client,
+    hub_url: str,
+    ep: str,
+    model: str | None,
+    no_specs: bool,
+    wait: bool,
+    mode: str,
+    advertise: str | None = None,
+    force: bool = False,
+) -> tuple[str, str, dict[str, Any] | None]:
+    """Check the endpoint, pick the model and the URL the hub can reach it at, while the specs are
+    detected in parallel. Returns (model, published endpoint, specs)."""
     import threading
 
     from llmroom_cli import endpoints
@@ -631,6 +652,13 @@ def _prepare_share(
             info = endpoints.probe(http, target)
     interactive = sys.stdin.isatty() and sys.stderr.isatty() and mode != "json"
     chosen = endpoints.choose_model(info, model, _ask_model if interactive else None)
+    from llmroom_cli.reach import publishable_endpoint
+
+    publication = publishable_endpoint(http, ep, hub_url, info.kind, advertise=advertise, force=force)
+    if publication.warning:
+        _err(f"warning: {publication.warning}")
+    elif publication.rewritten and mode not in ("json", "quiet"):
+        _err(f"publishing {publication.url} (the address the hub reaches this machine at)")
     specs: dict[str, Any] | None = None
     if detector is not None:
         detector.join(timeout=5.0)
@@ -638,7 +666,7 @@ def _prepare_share(
         llm = endpoints.llm_specs(info, chosen)
         if llm:
             specs["llm"] = llm
-    return chosen.id, specs
+    return chosen.id, publication.url, specs
 
 
 def _join_flow(
@@ -657,6 +685,8 @@ def _join_flow(
     on_started: Callable[[], None] | None = None,
     wake: threading.Event | None = None,
     output_hook: Callable[[Any], None] | None = None,
+    advertise: str | None = None,
+    force: bool = False,
 ) -> int:
     """Everything `join` does after parsing; `demo` runs it too."""
     import threading
@@ -668,10 +698,12 @@ def _join_flow(
     from llmroom_cli.session import JoinPlan, Session, capture_signals, run_session, stable_participant_id
 
     http = _http(hub_url, endpoints.probe_url(ep))
-    chosen, specs = _prepare_share(http, ep, model, no_specs, wait, mode)
+    chosen, published, specs = _prepare_share(
+        http, hub_url, ep, model, no_specs, wait, mode, advertise, force
+    )
     pid = participant_id or stable_participant_id(hub_url, room, ep, _debug)
-    plan = JoinPlan(hub_url, room, pid, nick, chosen, ep, secret, specs, cfg, interval)
-    info = {"room": room, "hub": hub_url, "nickname": nick, "model": chosen, "endpoint": ep}
+    plan = JoinPlan(hub_url, room, pid, nick, chosen, published, secret, specs, cfg, interval)
+    info = {"room": room, "hub": hub_url, "nickname": nick, "model": chosen, "endpoint": published}
     output = JoinOutput(mode, info)
     if output_hook is not None:
         output_hook(output)
@@ -716,6 +748,52 @@ def _join_flow(
     if outcome.confirmed is False:
         _err(f"warning: the hub at {hub_url} did not confirm the leave; it will mark us offline in ~30 s")
     return 0
+
+
+# -- doctor -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def doctor(
+    hub: HubOpt = DEFAULT_HUB,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--endpoint",
+            "-e",
+            envvar="LLMROOM_ENDPOINT",
+            help="Your LLM server (default: search the usual ports).",
+        ),
+    ] = None,
+    advertise: Annotated[
+        str | None, typer.Option("--advertise", help="The URL you would publish instead.")
+    ] = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """One report for bug reports and "why is nobody sending me requests": versions, specs, local
+    servers, the hub's reachability, round trip and clock skew, the published address. Exit 0 when all
+    is well, else the exit code of the first problem."""
+
+    def body() -> int:
+        from llmroom_cli import endpoints
+        from llmroom_cli.doctor import build_report
+
+        hub_url = _hub(hub)
+        ep = endpoints.normalize_endpoint(endpoint) if endpoint else None
+        report = build_report(_http(hub_url, "http://127.0.0.1"), hub_url, ep, advertise=advertise)
+        if json_out:
+            _print_json(report.data)
+        else:
+            from llmroom_cli.render import print_table
+
+            rows = [
+                [c.name, "ok" if c.ok else f"PROBLEM (exit {c.exit_code})", c.detail] for c in report.checks
+            ]
+            print_table(("CHECK", "STATUS", "DETAIL"), rows, [not c.ok for c in report.checks])
+        return report.exit_code()
+
+    raise typer.Exit(_run(body, debug))
 
 
 # -- demo -------------------------------------------------------------------------------------------

@@ -23,13 +23,14 @@ def run_demo(
     join_flow: Callable[..., int],
     err: Callable[[str], None],
 ) -> int:
-    from llmroom_cli import endpoints, render
+    from llmroom_cli import render
+    from llmroom_cli.endpoints import normalize_endpoint
     from llmroom_cli.client import HubClient
     from llmroom_cli.http import make_http
     from llmroom_cli.server import start_hub
     from llmroom_cli.standin import StandIn
 
-    ep = endpoints.normalize_endpoint(endpoint) if endpoint else None
+    ep = normalize_endpoint(endpoint) if endpoint else None
     hub = start_hub(quiet=True)
     standin = None if ep else StandIn()
     ep = ep or (standin.url if standin else "")

@@ -541,6 +541,7 @@ def test_malformed_bodies_are_400(api: Http, code: str, route: str, raw: bytes, 
 def test_wrong_types_and_lengths_are_400(api: Http, code: str, change: dict[str, Any]) -> None:
     r = api("POST", f"/rooms/{code}/join", {**member(), **change})
     assert r.status == 400 and isinstance(r.error, str), r
+    assert "connection" not in r.headers  # a refused body that was read whole keeps the connection
     assert api("GET", f"/rooms/{code}/participants").json() == {"participants": []}
 
 
@@ -791,6 +792,15 @@ def _in_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
     return t, out
 
 
+def test_requests_seen_counts_requests(hub: RunningHub, api: Http) -> None:
+    assert hub.requests_seen() == 0
+    hub.state.create_room("not over HTTP")
+    assert hub.requests_seen() == 0
+    api("GET", "/health")
+    api("GET", "/nope")
+    assert hub.requests_seen() == 2
+
+
 def test_freeze_holds_requests_until_lifted(hub: RunningHub) -> None:
     hub.fault = "freeze"
     api = Http(hub)
@@ -938,3 +948,12 @@ def test_bad_host_is_a_clear_error() -> None:
     with pytest.raises(ListenError) as info:
         start_hub(host="no-such-host.invalid", port=0)
     assert "no-such-host.invalid" in str(info.value)
+
+
+def test_server_imports_only_the_standard_library() -> None:
+    code = (
+        "import sys, llmroom_cli.server; "
+        "print(sorted({'httpx', 'rich', 'psutil', 'llmroom_cli.client'} & set(sys.modules)))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT_S)
+    assert (r.returncode, r.stdout.strip()) == (0, "[]"), r.stderr
