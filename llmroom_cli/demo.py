@@ -24,8 +24,8 @@ def run_demo(
     err: Callable[[str], None],
 ) -> int:
     from llmroom_cli import render
-    from llmroom_cli.endpoints import normalize_endpoint
     from llmroom_cli.client import HubClient
+    from llmroom_cli.endpoints import normalize_endpoint
     from llmroom_cli.http import make_http
     from llmroom_cli.server import start_hub
     from llmroom_cli.standin import StandIn
