@@ -52,8 +52,14 @@ _state = {"debug": False}
 # -- shared options, declared once ----------------------------------------------------------------
 
 HubOpt = Annotated[
-    str,
-    typer.Option("--hub", envvar="LLMROOM_HUB", help="Hub URL (host:port works too).", show_default=True),
+    str | None,
+    typer.Option(
+        "--hub",
+        envvar="LLMROOM_HUB",
+        help="Hub URL (host:port works too), or 'auto' to find one on the local network"
+        f" [default: {DEFAULT_HUB}].",
+        show_default=False,
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 DebugOpt = Annotated[
@@ -134,10 +140,69 @@ def _print_traceback() -> None:
     traceback.print_exc()
 
 
-def _hub(hub: str) -> str:
+def _hub(hub: str | None) -> str:
+    """The hub URL a command talks to: --hub / LLMROOM_HUB, 'auto' (discover), else the default."""
+    if hub is None:
+        return DEFAULT_HUB
+    if hub.strip().lower() == "auto":
+        return _discover_hub()
     from llmroom_cli.options import normalize_hub_url
 
     return normalize_hub_url(hub)
+
+
+def _ask_hub(hubs: list[Any]) -> Any:
+    """A numbered pick of discovered hubs on a terminal."""
+    _err("Several hubs answer on the local network:")
+    for i, h in enumerate(hubs, 1):
+        _err(f"  {i}. {h.name} at {h.url}")
+    while True:
+        try:
+            raw = input(f"Use which one? [1-{len(hubs)}]: ")
+        except EOFError:
+            raise UsageError("no hub chosen", "pass one with --hub URL") from None
+        if raw.strip().isdigit() and 1 <= int(raw) <= len(hubs):
+            return hubs[int(raw) - 1]
+        _err(f"please type a number from 1 to {len(hubs)}")
+
+
+def _discover_hub(timeout_s: float = 1.5) -> str:
+    from llmroom_cli.discovery import discover, pick_hub
+
+    hubs = discover(timeout_s)
+    interactive = sys.stdin.isatty() and sys.stderr.isatty()
+    chosen = pick_hub(hubs, _ask_hub if interactive else None)
+    _err(f"using hub {chosen.name} at {chosen.url} (found on the local network)")
+    url: str = chosen.url
+    return url
+
+
+def _http_for_hub(hub: str | None) -> httpx.Client:
+    return _http("https://" if hub and hub.strip().lower().startswith("https://") else "http://")
+
+
+def _hub_or_discovered(http: httpx.Client, hub: str | None) -> str:
+    """With no --hub and no LLMROOM_HUB, a default hub that does not answer sends us looking for one
+    on the local network before giving up."""
+    hub_url = _hub(hub)
+    if hub is not None:
+        return hub_url
+    return _fallback_if_down(http, hub_url)
+
+
+def _fallback_if_down(http: httpx.Client, hub_url: str) -> str:
+    from llmroom_cli.client import HubClient
+    from llmroom_cli.errors import HubUnavailable
+
+    try:
+        HubClient(http, hub_url).health(timeout_s=1.0)
+        return hub_url
+    except HubUnavailable:
+        _err(f"no hub answers at {hub_url}; looking for one on the local network ...")
+    try:
+        return _discover_hub()
+    except HubUnavailable as exc:
+        raise HubUnavailable(f"no hub answers at {hub_url}, and {exc.message}", exc.hint) from None
 
 
 def _code(code: str) -> str:
@@ -207,14 +272,29 @@ def serve(
         typer.Option(help="Seconds without a health check before a participant is marked offline.", min=0.1),
     ] = 30.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-request log lines.")] = False,
+    mdns: Annotated[
+        bool,
+        typer.Option("--mdns", help="Announce the hub on the local network (as the reference hub does)."),
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Run the embedded hub (speaks the Gambiarra hub API) until Ctrl-C."""
 
+    def announce(hub: Any) -> Callable[[], None] | None:
+        from llmroom_cli.discovery import Announcement
+
+        try:
+            announcement = Announcement(hub.port, host=host).start()
+        except LlmroomError as exc:
+            _err(f"warning: not announced on the local network: {exc}")
+            return None
+        _err(f"announced as {announcement.name} on {', '.join(announcement.addresses)} (mDNS)")
+        return announcement.close
+
     def body() -> int:
         from llmroom_cli.server import serve as run_server
 
-        code: int = run_server(host, port, participant_timeout, quiet)
+        code: int = run_server(host, port, participant_timeout, quiet, on_ready=announce if mdns else None)
         return code
 
     raise typer.Exit(_run(body, debug))
@@ -226,7 +306,7 @@ def serve(
 @app.command()
 def create(
     name: Annotated[str, typer.Argument(help="Room name.", show_default=False)],
-    hub: HubOpt = DEFAULT_HUB,
+    hub: HubOpt = None,
     password_stdin: Annotated[
         bool, typer.Option("--password-stdin", help="Protect the room with a password read from stdin.")
     ] = False,
@@ -261,7 +341,7 @@ def list_(
     code: Annotated[
         str | None, typer.Argument(help="Room code: list its participants.", show_default=False)
     ] = None,
-    hub: HubOpt = DEFAULT_HUB,
+    hub: HubOpt = None,
     json_out: JsonOpt = False,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Keep the view live until Ctrl-C.")] = False,
     debug: DebugOpt = False,
@@ -273,8 +353,10 @@ def list_(
 
     def body() -> None:
         room = _code(code) if code is not None else None
-        hub_url = _hub(hub)
-        client = _client(hub_url)
+        from llmroom_cli.client import HubClient
+
+        http = _http_for_hub(hub)
+        client = HubClient(http, _hub_or_discovered(http, hub))
         if watch:
             _watch(client, room, json_out)
             return
@@ -286,7 +368,7 @@ def list_(
                 _print_json(data)
                 return
             rows, dim = render.rooms_view(data["rooms"])
-            render.print_table(render.ROOM_COLUMNS, rows, dim, empty=f"no rooms on {hub_url}")
+            render.print_table(render.ROOM_COLUMNS, rows, dim, empty=f"no rooms on {client.base_url}")
         else:
             data = client.participants_body(room)
             if json_out:
@@ -369,7 +451,7 @@ def _watch(client: HubClient, room: str | None, json_out: bool) -> None:
 def leave(
     code: CodeArg,
     participant_id: Annotated[str, typer.Argument(metavar="ID", help="Participant id.", show_default=False)],
-    hub: HubOpt = DEFAULT_HUB,
+    hub: HubOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Remove a participant from a room (to clean up after a crash)."""
@@ -493,7 +575,7 @@ def _ask_model(models: list[ModelInfo]) -> ModelInfo:
 @app.command()
 def join(
     code: CodeArg,
-    hub: HubOpt = DEFAULT_HUB,
+    hub: HubOpt = None,
     endpoint: Annotated[
         str,
         typer.Option(
@@ -620,9 +702,10 @@ def _prepare_share(
     mode: str,
     advertise: str | None = None,
     force: bool = False,
-) -> tuple[str, str, dict[str, Any] | None]:
+    implicit_hub: bool = False,
+) -> tuple[str, str, str, dict[str, Any] | None]:
     """Check the endpoint, pick the model and the URL the hub can reach it at, while the specs are
-    detected in parallel. Returns (model, published endpoint, specs)."""
+    detected in parallel. Returns (model, published endpoint, hub URL, specs)."""
     import threading
 
     from llmroom_cli import endpoints
@@ -652,6 +735,8 @@ def _prepare_share(
             info = endpoints.probe(http, target)
     interactive = sys.stdin.isatty() and sys.stderr.isatty() and mode != "json"
     chosen = endpoints.choose_model(info, model, _ask_model if interactive else None)
+    if implicit_hub:
+        hub_url = _fallback_if_down(http, hub_url)
     from llmroom_cli.reach import publishable_endpoint
 
     publication = publishable_endpoint(http, ep, hub_url, info.kind, advertise=advertise, force=force)
@@ -666,7 +751,7 @@ def _prepare_share(
         llm = endpoints.llm_specs(info, chosen)
         if llm:
             specs["llm"] = llm
-    return chosen.id, publication.url, specs
+    return chosen.id, publication.url, hub_url, specs
 
 
 def _join_flow(
@@ -687,6 +772,7 @@ def _join_flow(
     output_hook: Callable[[Any], None] | None = None,
     advertise: str | None = None,
     force: bool = False,
+    implicit_hub: bool = False,
 ) -> int:
     """Everything `join` does after parsing; `demo` runs it too."""
     import threading
@@ -698,8 +784,8 @@ def _join_flow(
     from llmroom_cli.session import JoinPlan, Session, capture_signals, run_session, stable_participant_id
 
     http = _http(hub_url, endpoints.probe_url(ep))
-    chosen, published, specs = _prepare_share(
-        http, hub_url, ep, model, no_specs, wait, mode, advertise, force
+    chosen, published, hub_url, specs = _prepare_share(
+        http, hub_url, ep, model, no_specs, wait, mode, advertise, force, implicit_hub
     )
     pid = participant_id or stable_participant_id(hub_url, room, ep, _debug)
     plan = JoinPlan(hub_url, room, pid, nick, chosen, published, secret, specs, cfg, interval)
@@ -750,12 +836,54 @@ def _join_flow(
     return 0
 
 
+# -- hubs -------------------------------------------------------------------------------------------
+
+
+@app.command()
+def hubs(
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to listen for announcements.", min=0.1)
+    ] = 1.5,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Find hubs on the local network (mDNS, _gambiarra._tcp) and check that they answer."""
+
+    def body() -> int:
+        from llmroom_cli.discovery import discover
+
+        found = discover(timeout)
+        if json_out:
+            _print_json([h.to_json() for h in found])
+        else:
+            from llmroom_cli.render import print_table
+
+            rows = [
+                [
+                    h.name,
+                    h.url,
+                    ", ".join(h.addresses),
+                    str(h.txt.get("version", "-")),
+                    "yes" if h.healthy else "no",
+                    f"{h.rtt_ms:.1f} ms" if h.rtt_ms is not None else "-",
+                ]
+                for h in found
+            ]
+            print_table(("NAME", "URL", "ADDRESSES", "VERSION", "ANSWERS", "ROUND TRIP"), rows)
+        if not found:
+            _err("no hub found on the local network (start one with: llmroom serve --mdns)")
+            return 5
+        return 0
+
+    raise typer.Exit(_run(body, debug))
+
+
 # -- doctor -----------------------------------------------------------------------------------------
 
 
 @app.command()
 def doctor(
-    hub: HubOpt = DEFAULT_HUB,
+    hub: HubOpt = None,
     endpoint: Annotated[
         str | None,
         typer.Option(

@@ -1198,9 +1198,19 @@ def start_hub(
     return RunningHub(lsock, state if state is not None else HubState(), participant_timeout_s, quiet, log)
 
 
-def serve(host: str, port: int, participant_timeout_s: float, quiet: bool) -> int:
-    """Run a hub in the foreground until SIGINT or SIGTERM; returns the exit code (0)."""
+def serve(
+    host: str,
+    port: int,
+    participant_timeout_s: float,
+    quiet: bool,
+    on_ready: Callable[[RunningHub], Callable[[], None] | None] | None = None,
+) -> int:
+    """Run a hub in the foreground until SIGINT or SIGTERM; returns the exit code (0).
+
+    `on_ready(hub)` runs once the hub listens (`serve --mdns` announces it there) and may return a
+    cleanup, which runs before the hub stops."""
     hub = start_hub(host, port, participant_timeout_s, quiet)
+    cleanup: Callable[[], None] | None = None
     done = threading.Event()
 
     def handle(signum: int, frame: FrameType | None) -> None:
@@ -1212,9 +1222,13 @@ def serve(host: str, port: int, participant_timeout_s: float, quiet: bool) -> in
             previous[sig] = signal.signal(sig, handle)
     try:
         _stderr_line(f"llmroom hub listening on {hub.url} (Ctrl-C to stop)")
+        if on_ready is not None:
+            cleanup = on_ready(hub)
         while not done.wait(0.5):
             pass
     finally:
+        if cleanup is not None:
+            cleanup()
         hub.stop()
         for sig, old in previous.items():
             signal.signal(sig, old)
