@@ -16,6 +16,7 @@ import typer
 
 from llmroom_cli import __version__
 from llmroom_cli.errors import EndpointError, InvalidPassword, LlmroomError, UsageError
+from llmroom_cli.identity import default_nickname
 
 # Modules that only some commands need (json, threading, traceback, the option parsers) are imported
 # inside those commands: `--help` and `--version` pay for typer alone.
@@ -546,17 +547,6 @@ def probe(
 # -- join -----------------------------------------------------------------------------------------
 
 
-def _default_nickname() -> str:
-    import getpass
-    import socket
-
-    try:
-        user = getpass.getuser()
-    except Exception:  # no user name in a bare container
-        user = "user"
-    return f"{user}@{socket.gethostname().split('.')[0] or 'localhost'}"
-
-
 def _ask_model(models: list[ModelInfo]) -> ModelInfo:
     """A numbered pick on a terminal."""
     _err("The server offers several chat models:")
@@ -646,7 +636,7 @@ def join(
             hub_url = _hub(hub)
             if not 0.01 <= interval <= 3600:
                 raise UsageError(f"--interval {interval}: expected seconds from 0.01 to 3600")
-            nick = (nickname if nickname is not None else _default_nickname()).strip()
+            nick = (nickname if nickname is not None else default_nickname()).strip()
             if not nick or len(nick) > 64:
                 raise UsageError("--nickname must be 1 to 64 characters")
             if participant_id is not None and not (0 < len(participant_id.strip()) <= 128):
@@ -780,8 +770,9 @@ def _join_flow(
     from llmroom_cli import endpoints
     from llmroom_cli.client import HubClient
     from llmroom_cli.errors import RoomNotFound
+    from llmroom_cli.identity import stable_participant_id
     from llmroom_cli.render import JoinOutput
-    from llmroom_cli.session import JoinPlan, Session, capture_signals, run_session, stable_participant_id
+    from llmroom_cli.session import JoinPlan, Session, capture_signals, run_session
 
     http = _http(hub_url, endpoints.probe_url(ep))
     chosen, published, hub_url, specs = _prepare_share(

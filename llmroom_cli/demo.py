@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from llmroom_cli.errors import LlmroomError
+from llmroom_cli.identity import default_nickname
 
 PROMPT = "Say hello to the room in one sentence."
 
@@ -70,7 +71,7 @@ def run_demo(
             hub.url,
             ep,
             None,
-            "demo",
+            default_nickname(),
             None,
             None,
             False,

@@ -242,7 +242,7 @@ def _publication(
 
 def _config_dir(data: dict[str, Any]) -> Check:
     try:
-        from llmroom_cli.session import config_dir
+        from llmroom_cli.identity import config_dir
 
         path = config_dir()
         exists = path.is_dir()

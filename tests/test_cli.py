@@ -178,3 +178,71 @@ def test_demo_runs_end_to_end() -> None:
     out = r.stdout
     assert "room" in out and "Hello from the llmroom stand-in model" in out
     assert "joined room" in out and out.strip().endswith("left the room")
+
+
+def test_specs_json_is_what_join_sends() -> None:
+    r = cli("specs", "--json")
+    assert r.returncode == 0, r.stderr
+    specs = json.loads(r.stdout)
+    assert isinstance(specs["ram"], int) and specs["ram"] > 0 and specs["cpu"]
+    assert all(v not in (None, "", "Unknown") for v in specs.values())
+    table = cli("specs")
+    assert table.returncode == 0 and table.stdout.startswith("CPU\t")
+
+
+def test_probe_names_the_server_and_its_models() -> None:
+    with StandIn() as llm:
+        r = cli("probe", llm.url + "/v1/", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["url"] == llm.url and info["kind"] == "ollama" and info["status"] == "ready"
+    assert [m["id"] for m in info["models"]] == ["llmroom-demo:latest"]
+
+
+def test_probe_nothing_answering_is_exit_6() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    r = cli("probe", url)
+    assert r.returncode == 6 and url in r.stderr
+
+
+def test_doctor_all_well_and_with_the_hub_down(hub: RunningHub) -> None:
+    with StandIn() as llm:
+        ok = cli("doctor", "--hub", hub.url, "-e", llm.url, "--json")
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        report = json.loads(ok.stdout)
+        assert report["hub"]["reachable"] is True and report["exit_code"] == 0
+        down = cli("doctor", "--hub", "http://127.0.0.1:1", "-e", llm.url)
+    assert down.returncode == 5
+    assert "PROBLEM" in down.stdout
+
+
+def test_list_watch_piped_repeats_and_ctrl_c_exits_zero(hub: RunningHub) -> None:
+    import signal
+
+    import httpx
+
+    code = hub.state.create_room("watched")["code"]
+    p = subprocess.Popen(
+        [sys.executable, "-m", "llmroom_cli", "list", code, "--hub", hub.url, "--watch"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    assert p.stdout is not None
+    assert p.stdout.readline() == "\n"  # the empty room, then a blank separator
+    body = {"id": "w1", "nickname": "carol", "model": "m", "endpoint": "http://127.0.0.1:9"}
+    httpx.post(f"{hub.url}/rooms/{code}/join", json=body, trust_env=False).raise_for_status()
+    # The event stream wakes the view at once: the next block lists carol.
+    line = p.stdout.readline()
+    while line == "\n":
+        line = p.stdout.readline()
+    assert line.startswith("carol\tm\tonline")
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert "Traceback" not in err

@@ -54,6 +54,7 @@ def test_join_heartbeat_and_leave_on_signal(hub: RunningHub, llm: StandIn, room:
     joined = a.wait_event("joined")
     assert joined["room"] == room and joined["model"] == MODEL and joined["endpoint"] == llm.url
     assert joined["nickname"] == "alice" and isinstance(joined["specs"], dict)
+    assert joined["specs"]["llm"]["server"] == "ollama" and joined["specs"]["ram"] > 0
     beat = a.wait_event("heartbeat", count=3)
     assert beat["seq"] == 3 and beat["rtt_ms"] >= 0
     (p,) = listed(hub, room)

@@ -16,7 +16,8 @@ import pytest
 
 from llmroom_cli.client import HubClient
 from llmroom_cli.errors import HubUnavailable, InvalidPassword, RoomNotFound
-from llmroom_cli.session import JoinPlan, Schedule, Session, config_dir, run_session, stable_participant_id
+from llmroom_cli.identity import config_dir, stable_participant_id
+from llmroom_cli.session import JoinPlan, Schedule, Session, run_session
 
 
 def test_schedule_is_drift_free() -> None:
