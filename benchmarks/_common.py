@@ -87,7 +87,9 @@ class Proc:
     """A subprocess whose stdout lines (JSON where they parse) are read by a thread and stamped with
     perf_counter, so every wait is bounded: `wait_for` raises TimeoutError instead of hanging."""
 
-    def __init__(self, argv: Sequence[str], environ: dict[str, str] | None = None, stdin: bool = False) -> None:
+    def __init__(
+        self, argv: Sequence[str], environ: dict[str, str] | None = None, stdin: bool = False
+    ) -> None:
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
             list(argv),

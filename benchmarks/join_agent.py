@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import signal
 import statistics
 import sys
@@ -33,11 +32,12 @@ import threading
 import time
 from typing import Any
 
-from _common import PY, ROOT, Proc, cached_env, env, event, median, proc_stats, row, time_cmd
+from _common import PY, ROOT, Proc, cached_env, env, event, median, proc_stats, row
 
 BARE_LOOP = r"""
 import http.client, json, sys, time
-port, code, pid, interval, beats = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
+port, code, pid = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+interval, beats = float(sys.argv[4]), int(sys.argv[5])
 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
 def call(method, path, body):
     conn.request(method, path, json.dumps(body), {"Content-Type": "application/json"})
@@ -201,20 +201,23 @@ def _leave_once(rig: Rig, frozen: str | None) -> tuple[float, bool, bool]:
 
 def bench_leave(rig: Rig, runs: int) -> None:
     print(f"-- SIGINT -> process exit (median of {runs}; frozen: worst of {max(2, runs // 2)})")
-    base = rtt_s(rig)
+    base = rtt_s(rig) * 1000
     outs = [_leave_once(rig, None) for _ in range(runs)]
     ok = sum(1 for _, c, g in outs if c and g)
-    row("SIGINT -> exit, leave confirmed", median([o[0] for o in outs]), "s", "loopback round trip", base, "<= 0.1 s")
-    print(f"   leave confirmed and gone from the hub in {ok}/{runs} runs; max {max(o[0] for o in outs):.3f} s")
+    took = median([o[0] for o in outs]) * 1000
+    row("SIGINT -> exit, leave confirmed", took, "ms", "loopback round trip", base, "<= 100 ms")
+    print(
+        f"   leave confirmed and gone from the hub in {ok}/{runs} runs; max {max(o[0] for o in outs):.3f} s"
+    )
     for mode in ("in flight", "idle"):
         fro = [_leave_once(rig, mode) for _ in range(max(2, runs // 2))]
         row(
             f"SIGINT -> exit, hub frozen ({mode})",
-            max(o[0] for o in fro),
-            "s",
+            max(o[0] for o in fro) * 1000,
+            "ms",
             "loopback round trip",
             base,
-            "<= 3 s",
+            "<= 3000 ms",
         )
         print(f"   (confirmed: {sum(1 for o in fro if o[1])}/{len(fro)}, expected 0: the hub never answers)")
 
@@ -237,7 +240,9 @@ def bench_schedule(rig: Rig, beats: int, interval_s: float = 0.05) -> None:
 
     events: list[dict[str, Any]] = []
     client = Recording(make_http(rig.hub.url), rig.hub.url)
-    plan = JoinPlan(rig.hub.url, rig.code, "bench-schedule", "bench", "m", "http://127.0.0.1:9", interval_s=interval_s)
+    plan = JoinPlan(
+        rig.hub.url, rig.code, "bench-schedule", "bench", "m", "http://127.0.0.1:9", interval_s=interval_s
+    )
     session = Session(client, plan, events.append)
     session.join()
     worker = threading.Thread(target=session.heartbeat_loop, daemon=True)
@@ -257,11 +262,17 @@ def bench_schedule(rig: Rig, beats: int, interval_s: float = 0.05) -> None:
     absl = sorted(abs(x) for x in late_ms)
     n = len(late_ms)
     med = statistics.median(absl)
-    row(f"beat lateness, median |send - deadline|, {n}", med, "ms", "ideal deadline (interval)", interval_s * 1000)
+    row(
+        f"beat lateness, median |send - deadline|, {n}",
+        med,
+        "ms",
+        "ideal deadline (interval)",
+        interval_s * 1000,
+    )
     print(f"   = {med / (interval_s * 10):.2f} % of the interval (target <= 1 %)")
     print(
-        f"   p90 {absl[int(n * 0.9)]:.3f} ms, p99 {absl[min(n - 1, int(n * 0.99))]:.3f} ms, max {absl[-1]:.3f} ms;"
-        f" within 1 %: {sum(1 for x in absl if x <= interval_s * 10)}/{n}"
+        f"   p90 {absl[int(n * 0.9)]:.3f} ms, p99 {absl[min(n - 1, int(n * 0.99))]:.3f} ms,"
+        f" max {absl[-1]:.3f} ms; within 1 %: {sum(1 for x in absl if x <= interval_s * 10)}/{n}"
     )
     tenth = max(1, n // 10)
     first, last = statistics.median(late_ms[:tenth]), statistics.median(late_ms[-tenth:])
@@ -269,7 +280,8 @@ def bench_schedule(rig: Rig, beats: int, interval_s: float = 0.05) -> None:
     print(
         f"   drift: median lateness first {tenth} beats {first:.3f} ms, last {tenth} {last:.3f} ms;"
         f" slope {slope * 1000:.4f} ms per 1000 beats; deadline index of beat {n}: {ks[-1] if ks else 0}"
-        f" ({(ks[-1] if ks else 0) - n} deadlines skipped); heartbeat events {sum(1 for e in events if e['event'] == 'heartbeat')}"
+        f" ({(ks[-1] if ks else 0) - n} deadlines skipped);"
+        f" heartbeat events {sum(1 for e in events if e['event'] == 'heartbeat')}"
     )
 
 
@@ -291,13 +303,40 @@ def bench_soak(rig: Rig, beats: int, interval_s: float = 0.01) -> None:
     took = time.perf_counter() - t0
     trouble = sum(1 for _, x in agent.seen if isinstance(x, dict) and x.get("event") == "reconnecting")
     for m, s in samples:
-        print(f"   beat {m:6d}: RSS {s['rss_mib']:6.2f} MiB  fds {s['fds']:3.0f}  threads {s['threads']:3.0f}  CPU {s['cpu_s']:6.2f} s")
+        print(
+            f"   beat {m:6d}: RSS {s['rss_mib']:6.2f} MiB  fds {s['fds']:3.0f}"
+            f"  threads {s['threads']:3.0f}  CPU {s['cpu_s']:6.2f} s"
+        )
     first, warm, end = samples[0][1], samples[1][1], samples[-1][1]
-    row(f"soak RSS growth, beat 1 -> {beats}", end["rss_mib"] - first["rss_mib"], "MiB", "RSS at beat 1", first["rss_mib"], "<= 1 MiB")
-    row(f"soak RSS growth, beat 100 -> {beats}", end["rss_mib"] - warm["rss_mib"], "MiB", "RSS at beat 100", warm["rss_mib"], "<= 1 MiB")
+    row(
+        f"soak RSS growth, beat 1 -> {beats}",
+        end["rss_mib"] - first["rss_mib"],
+        "MiB",
+        "RSS at beat 1",
+        first["rss_mib"],
+        "<= 1 MiB",
+    )
+    row(
+        f"soak RSS growth, beat 100 -> {beats}",
+        end["rss_mib"] - warm["rss_mib"],
+        "MiB",
+        "RSS at beat 100",
+        warm["rss_mib"],
+        "<= 1 MiB",
+    )
     row(f"soak open fds at beat {beats}", end["fds"], "fds", "fds at beat 1", first["fds"], "constant")
-    row(f"soak threads at beat {beats}", end["threads"], "thr", "threads at beat 1", first["threads"], "constant")
-    print(f"   {took:.1f} s wall; reconnecting events: {trouble}; CPU per beat {end['cpu_s'] * 1000 / beats:.3f} ms")
+    row(
+        f"soak threads at beat {beats}",
+        end["threads"],
+        "thr",
+        "threads at beat 1",
+        first["threads"],
+        "constant",
+    )
+    print(
+        f"   {took:.1f} s wall; reconnecting events: {trouble};"
+        f" CPU per beat {end['cpu_s'] * 1000 / beats:.3f} ms"
+    )
 
 
 STEPS = ("start", "beats", "leave", "schedule", "soak")
@@ -305,7 +344,9 @@ STEPS = ("start", "beats", "leave", "schedule", "soak")
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="fewer runs, 200 schedule beats, 1,000 soak beats")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer runs, 200 schedule beats, 1,000 soak beats"
+    )
     parser.add_argument("--only", default=",".join(STEPS), help="comma-separated: " + ", ".join(STEPS))
     args = parser.parse_args()
     wanted = args.only.split(",")

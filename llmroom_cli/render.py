@@ -221,7 +221,7 @@ class JoinOutput:
                 f"sharing {event['model']} from {event['endpoint']} (id {event['id']})"
             )
         if name == "reconnecting":
-            if event.get("attempt") == 1 or self._prev_state_online():
+            if event.get("attempt") == 1:
                 return f"reconnecting: {event.get('reason')}"
             return None
         if name == "online":
@@ -231,16 +231,6 @@ class JoinOutput:
         if name == "left":
             return "left the room" if event.get("confirmed") else "left, but the hub did not confirm it"
         return None
-
-    def _prev_state_online(self) -> bool:
-        # Only the first reconnecting after a stretch online is worth a line.
-        hist = list(self.status.history) if self.status else []
-        for rec in reversed(hist[:-1]):
-            if rec["event"] in ("online", "joined", "rejoined", "heartbeat"):
-                return True
-            if rec["event"] == "reconnecting":
-                return False
-        return True
 
     # -- the live panel ---------------------------------------------------------------------------
 
@@ -313,7 +303,8 @@ class JoinOutput:
                 grid.add_row("uptime", _fmt_uptime(now - st.joined_at))
             grid.add_row("beats", str(st.beats))
             grid.add_row("reconnects", str(st.reconnects))
-        return Panel(grid, title="llmroom", subtitle="Ctrl-C to leave", expand=False)
+        subtitle = "left" if st is not None and st.state == "left" else "Ctrl-C to leave"
+        return Panel(grid, title="llmroom", subtitle=subtitle, expand=False)
 
 
 def print_text(text: str, style: str | None = None, file: IO[str] | None = None) -> None:

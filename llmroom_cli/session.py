@@ -95,7 +95,8 @@ class Status:
     last_beat_at: float | None = None
     last_rtt_ms: float | None = None
     beats: int = 0
-    reconnects: int = 0
+    reconnects: int = 0  # stretches of trouble (not failed attempts)
+    attempt: int = 0  # failed attempts in the current stretch
     rejoins: int = 0
     last_error: str | None = None
     history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
@@ -225,12 +226,16 @@ class Session:
             self._back_online()
 
     def _trouble(self, exc: LlmroomError) -> None:
-        self.status.reconnects += 1
+        if self.status.state != "reconnecting":
+            self.status.reconnects += 1
+            self.status.attempt = 0
+        self.status.attempt += 1
         self.status.last_error = exc.message
         self.status.state = "reconnecting"
-        self.emit("reconnecting", reason=exc.message, attempt=self.status.reconnects)
+        self.emit("reconnecting", reason=exc.message, attempt=self.status.attempt)
 
     def _back_online(self) -> None:
+        self.status.attempt = 0
         self.status.state = "online"
         self.status.last_error = None
         self.emit("online")

@@ -135,6 +135,7 @@ def test_faults_keep_going_and_report_back_online() -> None:
     ]
     assert [e["attempt"] for e in events if e["event"] == "reconnecting"] == [1, 2, 3, 4]
     assert session.status.state == "online"
+    assert session.status.reconnects == 1  # one stretch of trouble, four failed attempts
 
 
 def test_forgotten_participant_rejoins_at_once_with_the_same_body() -> None:
