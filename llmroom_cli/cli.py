@@ -772,46 +772,61 @@ def _join_flow(
     from llmroom_cli.errors import RoomNotFound
     from llmroom_cli.identity import stable_participant_id
     from llmroom_cli.render import JoinOutput
-    from llmroom_cli.session import JoinPlan, Session, capture_signals, run_session
+    from llmroom_cli.session import Interrupted, JoinPlan, Session, capture_signals, run_session
 
-    http = _http(hub_url, endpoints.probe_url(ep))
-    chosen, published, hub_url, specs = _prepare_share(
-        http, hub_url, ep, model, no_specs, wait, mode, advertise, force, implicit_hub
-    )
-    pid = participant_id or stable_participant_id(hub_url, room, ep, _debug)
-    plan = JoinPlan(hub_url, room, pid, nick, chosen, published, secret, specs, cfg, interval)
-    info = {"room": room, "hub": hub_url, "nickname": nick, "model": chosen, "endpoint": published}
-    output = JoinOutput(mode, info)
-    if output_hook is not None:
-        output_hook(output)
     wake = wake or threading.Event()
-    client = HubClient(http, hub_url)
+    phase = {"starting": True}
 
     def exit_now() -> None:
-        output.close()
+        if output is not None:
+            output.close()
         _err("interrupted again: exiting without waiting for the hub")
         os._exit(130)
 
-    prompts = 0
-    with capture_signals(wake, exit_now) as received:
-        while True:
-            session = Session(client, plan, output, stop=threading.Event())
-            output.status = session.status
-            outcome = run_session(session, wake, on_started)
-            error = outcome.error
-            can_prompt = sys.stdin.isatty() and not received and mode != "json" and prompts < 3
-            if isinstance(error, InvalidPassword) and can_prompt:
-                import getpass
+    output: JoinOutput | None = None
+    try:
+        with capture_signals(wake, exit_now, interrupt=lambda: phase["starting"]) as received:
+            http = _http(hub_url, endpoints.probe_url(ep))
+            chosen, published, hub_url, specs = _prepare_share(
+                http, hub_url, ep, model, no_specs, wait, mode, advertise, force, implicit_hub
+            )
+            pid = participant_id or stable_participant_id(hub_url, room, ep, _debug)
+            plan = JoinPlan(hub_url, room, pid, nick, chosen, published, secret, specs, cfg, interval)
+            info = {"room": room, "hub": hub_url, "nickname": nick, "model": chosen, "endpoint": published}
+            output = JoinOutput(mode, info)
+            if output_hook is not None:
+                output_hook(output)
+            client = HubClient(http, hub_url)
+            prompts = 0
+            while True:
+                session = Session(client, plan, output, stop=threading.Event())
+                output.status = session.status
+                # From here on the join may reach the hub: a signal sets `wake`, and the session leaves.
+                phase["starting"] = False
+                if wake.is_set():
+                    break
+                outcome = run_session(session, wake, on_started)
+                error = outcome.error
+                can_prompt = sys.stdin.isatty() and not received and mode != "json" and prompts < 3
+                if isinstance(error, InvalidPassword) and can_prompt:
+                    import getpass
 
-                prompts += 1
-                _err(f"room {room} is protected" if prompts == 1 else "wrong password")
-                try:
+                    prompts += 1
+                    _err(f"room {room} is protected" if prompts == 1 else "wrong password")
+                    phase["starting"] = True  # a Ctrl-C at the prompt just ends the command
                     plan.password = getpass.getpass("Room password: ")
-                except (EOFError, KeyboardInterrupt):
-                    raise error from None
-                wake.clear()
-                continue
-            break
+                    wake.clear()
+                    continue
+                break
+    except Interrupted:
+        if output is not None:
+            output.close()
+        if mode != "quiet":
+            _err("interrupted before joining: nothing to leave")
+        return 0
+    if wake.is_set() and not session.join_maybe_sent:
+        output.close()
+        return 0
     output.close()
     if error is not None:
         if isinstance(error, RoomNotFound) and session.joined:

@@ -304,10 +304,18 @@ def run_session(
     return outcome
 
 
+class Interrupted(BaseException):
+    """A signal arrived before anything was sent to the hub: unwind and exit 0, nothing to leave."""
+
+
 @contextlib.contextmanager
-def capture_signals(wake: threading.Event, on_second: Callable[[], None]) -> Iterator[list[int]]:
-    """SIGINT/SIGTERM/SIGHUP set `wake`; a second one calls `on_second` (exit at once). Handlers are
-    restored afterwards. Yields the list of signals received."""
+def capture_signals(
+    wake: threading.Event, on_second: Callable[[], None], interrupt: Callable[[], bool] | None = None
+) -> Iterator[list[int]]:
+    """SIGINT/SIGTERM/SIGHUP set `wake`; a second one calls `on_second` (exit at once). While
+    `interrupt()` is true (start-up, before any request to the hub) a signal raises Interrupted
+    instead, so a probe or a prompt in progress is abandoned at once. Handlers are restored
+    afterwards. Yields the list of signals received."""
     received: list[int] = []
     names = ["SIGINT", "SIGTERM", "SIGHUP"]
     sigs = [getattr(signal, n) for n in names if hasattr(signal, n)]
@@ -317,6 +325,8 @@ def capture_signals(wake: threading.Event, on_second: Callable[[], None]) -> Ite
         if len(received) > 1:
             on_second()
         wake.set()
+        if interrupt is not None and interrupt():
+            raise Interrupted()
 
     previous = {}
     if threading.current_thread() is threading.main_thread():

@@ -357,3 +357,31 @@ def hub_tmp_file() -> str:
     fd, path = tempfile.mkstemp(suffix=".jsonl")
     os.close(fd)
     return path
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_startup_exits_zero_and_sends_nothing(hub: RunningHub, room: str, sig: int) -> None:
+    # An endpoint that accepts the connection and never answers: the probe is in progress.
+    with socket.socket() as frozen:
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen()
+        url = f"http://127.0.0.1:{frozen.getsockname()[1]}"
+        a = Agent(room, "--hub", hub.url, "-e", url, "--json")
+        conn, _ = frozen.accept()  # the probe has started
+        a.signal(sig)
+        assert a.finish() == 0, a.stderr
+        conn.close()
+    assert "interrupted before joining" in a.stderr and "Traceback" not in a.stderr
+    assert a.events == []
+    assert hub.requests_seen() == 0
+
+
+def test_signal_while_the_join_is_in_flight_still_leaves(hub: RunningHub, llm: StandIn, room: str) -> None:
+    hub.fault = "slow:0.6"
+    a = agent(hub, llm, room)
+    wait_for(lambda: hub.requests_seen() > 0, "the join to reach the hub")
+    a.signal(signal.SIGINT)
+    assert a.finish() == 0, a.stderr
+    hub.fault = None
+    assert a.events[-1]["event"] == "left"
+    assert listed(hub, room) == []
