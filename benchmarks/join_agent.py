@@ -69,11 +69,13 @@ class Rig:
         self.cfg = tempfile.TemporaryDirectory(prefix="llmroom-bench-cfg-")
         self.n = 0
 
-    def agent(self, interval_s: float, environ: dict[str, str] | None = None) -> tuple[Proc, str]:
+    def agent(
+        self, interval_s: float, environ: dict[str, str] | None = None, python: str = PY
+    ) -> tuple[Proc, str]:
         self.n += 1
         pid = f"bench-{self.n}"
         e = dict(environ or env(), XDG_CONFIG_HOME=self.cfg.name)
-        argv = [PY, "-m", "llmroom_cli", "join", self.code, "--hub", self.hub.url, "-e", self.llm.url]
+        argv = [python, "-m", "llmroom_cli", "join", self.code, "--hub", self.hub.url, "-e", self.llm.url]
         argv += ["--json", "--interval", str(interval_s), "--id", pid, "--nickname", "bench"]
         return Proc(argv, e), pid
 

@@ -385,3 +385,50 @@ def test_signal_while_the_join_is_in_flight_still_leaves(hub: RunningHub, llm: S
     hub.fault = None
     assert a.events[-1]["event"] == "left"
     assert listed(hub, room) == []
+
+
+def test_join_picks_the_loaded_model_of_a_real_kind_and_reports_it_in_specs(
+    hub: RunningHub, room: str
+) -> None:
+    from tests.fake_llm_servers import FakeLLMServer
+
+    with FakeLLMServer("ollama") as ollama:
+        a = Agent(room, "--hub", hub.url, "-e", ollama.url, "--json", "--interval", INTERVAL)
+        joined = a.wait_event("joined")
+        a.signal()
+        assert a.finish() == 0
+    assert joined["model"] == "mistral:latest"  # the one loaded, among several installed
+    assert joined["specs"]["llm"] == {
+        "server": "ollama",
+        "version": "0.12.6",
+        "context_length": 4096,
+        "quantization": "Q4_0",
+        "loaded": True,
+    }
+
+
+def test_unknown_model_lists_only_chat_models_with_loaded_marked(hub: RunningHub, room: str) -> None:
+    from tests.fake_llm_servers import FakeLLMServer
+
+    with FakeLLMServer("lmstudio", "0.3") as lm:
+        r = cli("join", room, "--hub", hub.url, "-e", lm.url, "-m", "nope")
+    assert r.returncode == 6
+    assert "meta-llama-3.1-8b-instruct (loaded)" in r.stderr and "nomic-embed" not in r.stderr
+    assert hub.requests_seen() == 0
+
+
+def test_loading_server_is_exit_6_or_waited_for(hub: RunningHub, room: str) -> None:
+    from tests.fake_llm_servers import FakeLLMServer
+
+    with FakeLLMServer("llamacpp", "loading") as server:
+        r = cli("join", room, "--hub", hub.url, "-e", server.url)
+        assert r.returncode == 6 and "loading" in r.stderr
+        seen = len(server.requests)
+        a = Agent(room, "--hub", hub.url, "-e", server.url, "--wait", "--json", "--interval", INTERVAL)
+        # It keeps probing while the server loads, and joins nobody meanwhile.
+        wait_for(lambda: len(server.requests) > seen + 4, "the agent to poll the loading server")
+        assert hub.requests_seen() == 0
+        server.set_ready()
+        assert a.wait_event("joined")["endpoint"] == server.url
+        a.signal()
+        assert a.finish() == 0
