@@ -152,19 +152,25 @@ def _hub(hub: str | None) -> str:
     return normalize_hub_url(hub)
 
 
-def _ask_hub(hubs: list[Any]) -> Any:
-    """A numbered pick of discovered hubs on a terminal."""
-    _err("Several hubs answer on the local network:")
-    for i, h in enumerate(hubs, 1):
-        _err(f"  {i}. {h.name} at {h.url}")
+def _pick(title: str, labels: list[str], question: str, none_chosen: LlmroomError) -> int:
+    """A numbered pick on a terminal; returns the index chosen. EOF raises `none_chosen`."""
+    _err(title)
+    for i, label in enumerate(labels, 1):
+        _err(f"  {i}. {label}")
     while True:
         try:
-            raw = input(f"Use which one? [1-{len(hubs)}]: ")
+            raw = input(f"{question} [1-{len(labels)}]: ")
         except EOFError:
-            raise UsageError("no hub chosen", "pass one with --hub URL") from None
-        if raw.strip().isdigit() and 1 <= int(raw) <= len(hubs):
-            return hubs[int(raw) - 1]
-        _err(f"please type a number from 1 to {len(hubs)}")
+            raise none_chosen from None
+        if raw.strip().isdigit() and 1 <= int(raw) <= len(labels):
+            return int(raw) - 1
+        _err(f"please type a number from 1 to {len(labels)}")
+
+
+def _ask_hub(hubs: list[Any]) -> Any:
+    labels = [f"{h.name} at {h.url}" for h in hubs]
+    none = UsageError("no hub chosen", "pass one with --hub URL")
+    return hubs[_pick("Several hubs answer on the local network:", labels, "Use which one?", none)]
 
 
 def _discover_hub(timeout_s: float = 1.5) -> str:
@@ -548,18 +554,9 @@ def probe(
 
 
 def _ask_model(models: list[ModelInfo]) -> ModelInfo:
-    """A numbered pick on a terminal."""
-    _err("The server offers several chat models:")
-    for i, m in enumerate(models, 1):
-        _err(f"  {i}. {m.id}{' (loaded)' if m.loaded else ''}")
-    while True:
-        try:
-            raw = input(f"Share which one? [1-{len(models)}]: ")
-        except EOFError:
-            raise EndpointError("no model chosen", "pass one with --model NAME") from None
-        if raw.strip().isdigit() and 1 <= int(raw) <= len(models):
-            return models[int(raw) - 1]
-        _err(f"please type a number from 1 to {len(models)}")
+    labels = [f"{m.id}{' (loaded)' if m.loaded else ''}" for m in models]
+    none = EndpointError("no model chosen", "pass one with --model NAME")
+    return models[_pick("The server offers several chat models:", labels, "Share which one?", none)]
 
 
 @app.command()
