@@ -32,12 +32,14 @@ def env() -> dict[str, str]:
     return e
 
 
-def time_cmd(argv: Sequence[str], runs: int = 15, warmup: int = 2) -> float:
+def time_cmd(
+    argv: Sequence[str], runs: int = 15, warmup: int = 2, environ: dict[str, str] | None = None
+) -> float:
     """Median wall time of a command with stdout/stderr to pipes (not a terminal)."""
     samples = []
     for i in range(warmup + runs):
         t = time.perf_counter()
-        subprocess.run(list(argv), capture_output=True, env=env(), check=True)
+        subprocess.run(list(argv), capture_output=True, env=environ or env(), check=True)
         if i >= warmup:
             samples.append(time.perf_counter() - t)
     return statistics.median(samples)

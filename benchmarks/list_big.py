@@ -120,7 +120,7 @@ def main() -> int:
         cli = [PY, "-m", "llmroom_cli", "list", code, "--hub", hub.url]
         js, size = timed([*cli, "--json"], runs)
         row("llmroom list CODE --json", js, "s", "raw http.client GET", base, "<= 1 s")
-        print(f"   (raw body {raw / 1e6:.1f} MB; --json output {size / 1e6:.1f} MB, indented)")
+        print(f"   (raw body {raw / 1e6:.1f} MB; --json output {size / 1e6:.1f} MB as printed)")
         table, size = timed(cli, runs)
         row("llmroom list CODE (piped table)", table, "s", "raw http.client GET", base, "<= 1 s")
         print(f"   (table {size / 1e6:.1f} MB, tab-separated)")
