@@ -293,14 +293,19 @@ def run_session(
     while not wake.wait(0.5):
         pass
     session.stop.set()
-    worker.join(timeout=LEAVE_WAIT_INFLIGHT_S)
-    if isinstance(outcome.error, (RoomNotFound, InvalidPassword)) and not session.joined:
-        return outcome  # the hub refused the join: nothing of ours is there
-    if isinstance(outcome.error, RoomNotFound):
-        return outcome  # the room is gone, and us with it
-    if session.join_maybe_sent:
-        outcome.confirmed = session.leave()
-        session.emit("left", confirmed=outcome.confirmed)
+    # No join of the worker here: leave() itself waits (briefly) for a request in flight, which keeps
+    # the worst case (a frozen hub) at LEAVE_WAIT_INFLIGHT_S + LEAVE_TIMEOUT_S, well inside 3 s.
+    if isinstance(outcome.error, (RoomNotFound, InvalidPassword)):
+        return outcome  # the hub refused the join, or the room is gone and us with it
+    if not session.join_maybe_sent:
+        return outcome
+    if outcome.error is not None and not session.joined:
+        # Start-up failed (say, the hub timed out): the join may still have landed, so clean up,
+        # quietly: the run's events are just the error.
+        session.leave()
+        return outcome
+    outcome.confirmed = session.leave()
+    session.emit("left", confirmed=outcome.confirmed)
     return outcome
 
 
