@@ -126,7 +126,7 @@ def main() -> int:
         print(f"   (table {size / 1e6:.1f} MB, tab-separated)")
         if not args.quick:
             term, size = timed(cli, max(1, runs // 2), pipe=False)
-            row("llmroom list CODE (terminal, rich)", term, "s", "raw http.client GET", base, "info")
+            row("llmroom list CODE (terminal)", term, "s", "raw http.client GET", base, "info")
             print(f"   ({size / 1e6:.1f} MB to the terminal)")
     finally:
         hub.stop()
