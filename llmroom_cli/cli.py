@@ -657,7 +657,21 @@ def join(
                 endpoints.normalize_endpoint(advertise)
             secret = _resolve_password(password_stdin, password)
             return _join_flow(
-                room, hub_url, ep, model, nick, secret, cfg, no_specs, participant_id, interval, wait, mode
+                room,
+                hub_url,
+                ep,
+                model,
+                nick,
+                secret,
+                cfg,
+                no_specs,
+                participant_id,
+                interval,
+                wait,
+                mode,
+                advertise=advertise,
+                force=force,
+                implicit_hub=hub is None,
             )
         except LlmroomError as exc:
             if mode == "json":

@@ -93,3 +93,20 @@ def test_no_hub_anywhere_is_exit_5() -> None:
     assert r.returncode == 5 and "no hub found" in r.stderr
     auto = cli("list", "--hub", "auto")
     assert auto.returncode == 5 and len(auto.stderr.strip().splitlines()) == 1
+
+
+def test_join_without_hub_falls_back_to_discovery(announced: tuple[str, int]) -> None:
+    if _default_hub_answers():
+        pytest.skip("something answers on localhost:3000 here, so no fallback would happen")
+    from llmroom_cli.standin import StandIn
+    from tests.helpers import Agent
+
+    url, _ = announced
+    code = cli("create", "lan party", "--hub", url).stdout.strip()
+    with StandIn() as llm:
+        a = Agent(code, "-e", llm.url, "--json", "--interval", "0.05")
+        joined = a.wait_event("joined")
+        a.signal()
+        assert a.finish() == 0
+    assert joined["hub"] == url
+    assert "looking for one on the local network" in a.stderr

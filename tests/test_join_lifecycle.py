@@ -432,3 +432,27 @@ def test_loading_server_is_exit_6_or_waited_for(hub: RunningHub, room: str) -> N
         assert a.wait_event("joined")["endpoint"] == server.url
         a.signal()
         assert a.finish() == 0
+
+
+def test_advertise_publishes_that_url_after_checking_it(hub: RunningHub, llm: StandIn, room: str) -> None:
+    advertised = llm.url.replace("127.0.0.1", "localhost") + "/v1/"
+    a = agent(hub, llm, room, "--advertise", advertised)
+    assert a.wait_event("joined")["endpoint"] == advertised.removesuffix("/v1/")
+    a.signal()
+    assert a.finish() == 0
+
+
+def test_advertise_that_does_not_answer_is_exit_6_unless_forced(
+    hub: RunningHub, llm: StandIn, room: str
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    r = cli("join", room, "--hub", hub.url, "-e", llm.url, "--advertise", dead)
+    assert r.returncode == 6, r.stderr
+    assert hub.requests_seen() == 0
+    forced = agent(hub, llm, room, "--advertise", dead, "--force")
+    assert forced.wait_event("joined")["endpoint"] == dead
+    forced.signal()
+    assert forced.finish() == 0
+    assert "warning" in forced.stderr
