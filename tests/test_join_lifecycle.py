@@ -456,3 +456,52 @@ def test_advertise_that_does_not_answer_is_exit_6_unless_forced(
     forced.signal()
     assert forced.finish() == 0
     assert "warning" in forced.stderr
+
+
+def test_id_config_no_specs_env_defaults_and_quiet_reach_the_hub(
+    hub: RunningHub, llm: StandIn, room: str, tmp_path: os.PathLike[str]
+) -> None:
+    cfg = os.path.join(tmp_path, "gen.toml")
+    with open(cfg, "w") as f:
+        f.write('top_p = 0.9\nstop = ["END"]\nmirostat = 2\n')
+    env = dict(
+        os.environ, LLMROOM_ENDPOINT=llm.url, LLMROOM_MODEL="llmroom-demo", LLMROOM_NICKNAME="env-nick"
+    )
+    args = ["join", room, "--hub", hub.url, "--id", "fixed-id-1", "--no-specs", "-c", "temperature=0.25"]
+    args += ["-c", "max_tokens=512", "--config-file", cfg, "--quiet", "--interval", INTERVAL]
+    p = subprocess.Popen(
+        [sys.executable, "-m", "llmroom_cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    wait_for(lambda: listed(hub, room), "the participant to join")
+    (part,) = listed(hub, room)
+    assert part["id"] == "fixed-id-1" and part["nickname"] == "env-nick" and part["model"] == MODEL
+    assert part["endpoint"] == llm.url and "specs" not in part
+    assert part["config"] == {
+        "top_p": 0.9,
+        "stop": ["END"],
+        "mirostat": 2,
+        "temperature": 0.25,
+        "max_tokens": 512,
+    }
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert out == "" and err == ""  # --quiet: nothing but errors
+    assert listed(hub, room) == []
+
+
+def test_debug_traces_http_but_never_the_password(hub: RunningHub, llm: StandIn) -> None:
+    room = hub.state.create_room("traced", password="s3cr3t-pw")["code"]
+    a = Agent(
+        room, "--hub", hub.url, "-e", llm.url, "--json", "--debug", "--password-stdin", stdin="s3cr3t-pw\n"
+    )
+    a.wait_event("heartbeat")
+    a.signal()
+    assert a.finish() == 0
+    assert "HTTP Request: POST" in a.stderr and "/join" in a.stderr
+    assert "s3cr3t-pw" not in a.stderr + "".join(a.raw)
