@@ -498,7 +498,17 @@ def test_id_config_no_specs_env_defaults_and_quiet_reach_the_hub(
 def test_debug_traces_http_but_never_the_password(hub: RunningHub, llm: StandIn) -> None:
     room = hub.state.create_room("traced", password="s3cr3t-pw")["code"]
     a = Agent(
-        room, "--hub", hub.url, "-e", llm.url, "--json", "--debug", "--password-stdin", stdin="s3cr3t-pw\n"
+        room,
+        "--hub",
+        hub.url,
+        "-e",
+        llm.url,
+        "--json",
+        "--debug",
+        "--password-stdin",
+        "--interval",
+        INTERVAL,
+        stdin="s3cr3t-pw\n",
     )
     a.wait_event("heartbeat")
     a.signal()
