@@ -1,4 +1,4 @@
-"""Fake local LLM servers built from the recorded answers in ../shared/fixtures/endpoints.
+"""Fake local LLM servers built from the recorded answers in tests/fixtures/endpoints.
 
 Each fake is a real HTTP server on 127.0.0.1 (port 0) in a thread, answering the routes a kind of
 server answers with the recorded bodies, status codes and headers (see that folder's README.md):
@@ -14,8 +14,8 @@ server answers with the recorded bodies, status codes and headers (see that fold
     with FakeLLMServer("ollama") as server:
         probe(http, server.url)
 
-`server.requests` lists the paths asked for. Fixtures are read from LLMROOM_FIXTURES when set,
-else from shared/ beside the repository (CI clones the repository with a copy of shared/ beside it).
+`server.requests` lists the paths asked for. Fixtures are read from LLMROOM_FIXTURES when set, else
+from tests/fixtures/endpoints (a copy of the project's shared recordings, with their README of sources).
 """
 
 from __future__ import annotations
@@ -36,15 +36,13 @@ TEXT = "text/plain; charset=utf-8"
 
 def fixtures_dir() -> Path:
     env = os.environ.get("LLMROOM_FIXTURES")
-    return (
-        Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "endpoints"
-    )
+    return Path(env) if env else Path(__file__).resolve().parent / "fixtures" / "endpoints"
 
 
 def fixture(name: str) -> bytes:
     path = fixtures_dir() / name
     if not path.is_file():
-        raise FileNotFoundError(f"endpoint fixture {path} is missing: set LLMROOM_FIXTURES or add ../shared")
+        raise FileNotFoundError(f"endpoint fixture {path} is missing: set LLMROOM_FIXTURES")
     return path.read_bytes()
 
 

@@ -1,6 +1,6 @@
 """A fake pynvml by scenario, built from the real H200 recording and raising pynvml's real exceptions.
 
-The recording (../shared/fixtures/gpu/nvml-h200.json, or tests/fixtures if the shared folder moves) is one
+The recording (tests/fixtures/gpu/nvml-h200.json, copied from the project's shared recordings) is one
 H200 read through nvidia-ml-py 13.610 on driver 580.159.04. Scenarios copy that device, change what the
 scenario needs (count, model, MIG mode) and keep everything else as recorded.
 """
@@ -16,11 +16,7 @@ from typing import Any
 
 import pynvml
 
-_CANDIDATES = (
-    Path(__file__).resolve().parents[2] / "shared/fixtures/gpu/nvml-h200.json",
-    Path("/work/shared/fixtures/gpu/nvml-h200.json"),
-)
-RECORDING_PATH = next((p for p in _CANDIDATES if p.exists()), _CANDIDATES[-1])
+RECORDING_PATH = Path(__file__).resolve().parent / "fixtures" / "gpu" / "nvml-h200.json"
 RECORDING: dict[str, Any] = json.loads(RECORDING_PATH.read_text())
 H200: dict[str, Any] = RECORDING["devices"][0]
 DRIVER: str = RECORDING["driver"]
