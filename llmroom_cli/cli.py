@@ -112,6 +112,12 @@ def _run(fn: Callable[[], T], debug: bool = False) -> T:
         raise
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except BrokenPipeError:
+        # The reader of our output went away (`... | head -1`): stop quietly, as SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise typer.Exit(141) from None
     except Exception as exc:
         if _state["debug"]:
             _print_traceback()
@@ -333,6 +339,8 @@ def create(
         hub_url = _hub(hub)
         if not name.strip():
             raise UsageError("the room name is empty")
+        if len(name) > 256:
+            raise UsageError(f"the room name is {len(name)} characters long: at most 256")
         password = _read_password_stdin() if password_stdin else None
         data = _client(hub_url).create_room(name, password)
         if json_out:
@@ -475,7 +483,14 @@ def leave(
         if not participant_id.strip():
             raise UsageError("the participant id is empty")
         hub_url = _hub(hub)
-        _client(hub_url).leave(room, participant_id)
+        from llmroom_cli.errors import ParticipantNotFound
+
+        try:
+            _client(hub_url).leave(room, participant_id)
+        except ParticipantNotFound:
+            # Cleanup is idempotent: what a script wanted gone is gone.
+            _err(f"nothing to remove: room {room} does not list {participant_id}")
+            return
         if sys.stdout.isatty():
             _err(f"removed {participant_id} from room {room}")
 
@@ -525,6 +540,8 @@ def probe(
             http = _http("http://127.0.0.1")
             servers = endpoints.probe_local(http)
             if not servers:
+                if json_out:
+                    _print_json([])
                 raise EndpointError(
                     "no LLM server answers on the usual local ports (11434, 1234, 8080, 9931, 8000)",
                     "start one, or give its URL: llmroom probe http://HOST:PORT",
@@ -681,14 +698,21 @@ def join(
     raise typer.Exit(_run(body, debug))
 
 
+def _leave_command(code: str, participant_id: str, hub_url: str) -> str:
+    room = f"-- {code}" if code.startswith("-") else code
+    return f"llmroom leave --hub {hub_url} {room} {participant_id}"
+
+
 def _emit_json_error(code: int, message: str) -> None:
     import json
     import time
 
-    sys.stdout.write(
-        json.dumps({"event": "error", "ts": int(time.time() * 1000), "code": code, "message": message}) + "\n"
-    )
-    sys.stdout.flush()
+    event = {"event": "error", "ts": int(time.time() * 1000), "code": code, "message": message}
+    try:
+        sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
 
 
 def _resolve_password(password_stdin: bool, password: str | None) -> str | None:
@@ -798,8 +822,18 @@ def _join_flow(
     def exit_now() -> None:
         if output is not None:
             output.close()
-        _err("interrupted again: exiting without waiting for the hub")
+        line = "interrupted again: exiting without waiting for the hub"
+        if plan_ref:
+            p = plan_ref[0]
+            line += f"; if it still lists you, run: {_leave_command(p.code, p.participant_id, p.hub_url)}"
+        _err(line)
         os._exit(130)
+
+    plan_ref: list[Any] = []
+
+    def retry_notice(reason: str, remaining_s: float) -> None:
+        if mode != "quiet":
+            _err(f"{reason}; retrying for up to {remaining_s:.0f} s ...")
 
     output: JoinOutput | None = None
     try:
@@ -810,14 +844,23 @@ def _join_flow(
             )
             pid = participant_id or stable_participant_id(hub_url, room, ep, _debug)
             plan = JoinPlan(hub_url, room, pid, nick, chosen, published, secret, specs, cfg, interval)
-            info = {"room": room, "hub": hub_url, "nickname": nick, "model": chosen, "endpoint": published}
+            plan_ref.append(plan)
+            info = {
+                "room": room,
+                "hub": hub_url,
+                "nickname": nick,
+                "model": chosen,
+                "endpoint": published,
+                "id": pid,
+            }
             output = JoinOutput(mode, info)
+            output.on_broken = wake.set
             if output_hook is not None:
                 output_hook(output)
             client = HubClient(http, hub_url)
             prompts = 0
             while True:
-                session = Session(client, plan, output, stop=threading.Event())
+                session = Session(client, plan, output, stop=threading.Event(), on_retry=retry_notice)
                 output.status = session.status
                 # From here on the join may reach the hub: a signal sets `wake`, and the session leaves.
                 phase["starting"] = False
@@ -847,6 +890,11 @@ def _join_flow(
         return 0
     output.close()
     if error is not None:
+        if isinstance(error, InvalidPassword) and not plan.password:
+            raise InvalidPassword(
+                f"room {room} is protected and no password was given",
+                "give it with --password-stdin or LLMROOM_PASSWORD",
+            )
         if isinstance(error, RoomNotFound) and session.joined:
             raise RoomNotFound(
                 f"room {room} is gone from {hub_url}",
@@ -856,7 +904,10 @@ def _join_flow(
             raise error
         raise error
     if outcome.confirmed is False:
-        _err(f"warning: the hub at {hub_url} did not confirm the leave; it will mark us offline in ~30 s")
+        _err(
+            f"warning: the hub at {hub_url} did not confirm the leave; if it still lists you, run: "
+            + _leave_command(room, plan.participant_id, hub_url)
+        )
     return 0
 
 
@@ -895,7 +946,7 @@ def hubs(
             ]
             print_table(("NAME", "URL", "ADDRESSES", "VERSION", "ANSWERS", "ROUND TRIP"), rows)
         if not found:
-            _err("no hub found on the local network (start one with: llmroom serve --mdns)")
+            _err("error: no hub found on the local network (start one with: llmroom serve --mdns)")
             return 5
         return 0
 
@@ -988,7 +1039,11 @@ def main() -> None:
             sys.stdout.write(exc.ctx.get_help() + "\n")
             sys.exit(0)
         cmd = exc.ctx.command_path if exc.ctx is not None else "llmroom"
-        _err(f"error: {exc.format_message()} (see: {cmd} --help)")
+        hint = f"see: {cmd} --help"
+        code = next((a for a in sys.argv[1:] if len(a) == 6 and a.startswith("-") and a[1:2] != "-"), None)
+        if type(exc).__name__ == "NoSuchOption" and code is not None:
+            hint = f"a room code starting with '-' goes after '--', as in: {cmd} -- {code}"
+        _err(f"error: {exc.format_message()} ({hint})")
         sys.exit(2)
     except click_exc.ClickException as exc:
         _err(f"error: {exc.format_message()}")

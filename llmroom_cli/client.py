@@ -149,7 +149,7 @@ class HubClient:
         if status == 404 and message == "Room not found":
             raise RoomNotFound(
                 f"room not found on {self.base_url}",
-                "check the code with: llmroom list (a restarted hub has no rooms)",
+                f"check the code with: llmroom list --hub {self.base_url}; a restarted hub has no rooms",
             )
         if status == 404 and message == "Participant not found":
             raise ParticipantNotFound(f"the hub at {self.base_url} does not know this participant", status)

@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from llmroom_cli.errors import EndpointError, UsageError
+from llmroom_cli.options import refuse_credentials
 
 KINDS = ("ollama", "lmstudio", "llamacpp", "vllm", "localai", "openai")
 
@@ -139,6 +140,7 @@ def normalize_endpoint(url: str) -> str:
         raise UsageError(f"invalid LLM endpoint URL {url!r}: it contains spaces")
     if "://" not in text:
         text = "http://" + text
+    refuse_credentials(text, "LLM endpoint")
     bad = UsageError(
         f"invalid LLM endpoint URL {url!r}: expected http(s)://host[:port][/path]",
         "as in http://localhost:11434",

@@ -31,7 +31,22 @@ def parse_room_code(code: str) -> str:
     return text.upper()
 
 
+def redact_url(url: str) -> str:
+    """The URL with any `user:password@` replaced by `***@`, for messages."""
+    return re.sub(r"(://)[^/@?#]*@", r"\1***@", url)
+
+
+def refuse_credentials(url: str, what: str) -> None:
+    """Credentials in a URL would be echoed in messages and sent to the hub: refuse them, redacted."""
+    if "@" in url.split("://", 1)[-1].split("/", 1)[0]:
+        raise UsageError(
+            f"invalid {what} URL {redact_url(url)!r}: credentials in the URL are not supported",
+            "remove the user:password@ part",
+        )
+
+
 def _check_host_port(url: str, what: str) -> tuple[str, str]:
+    refuse_credentials(url, what)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise UsageError(f"invalid {what} URL {url!r}: it must start with http:// or https://")
@@ -55,6 +70,9 @@ def normalize_hub_url(url: str) -> str:
         raise UsageError("the hub URL is empty (use --hub http://HOST:PORT)")
     if "://" not in text:
         text = "http://" + text
+        host_only = text.split("://", 1)[1].split("/", 1)[0]
+        if not re.search(r":\d*$", host_only):
+            text = text.replace(host_only, host_only + ":3000", 1)  # a bare host: the hub's usual port
     _check_host_port(text, "hub")
     return text.rstrip("/")
 
@@ -70,11 +88,14 @@ _RANGES: dict[str, tuple[type, float | None, float | None]] = {
 }
 
 
-def _typed_value(raw: str) -> Any:
-    """`0.7` -> 0.7, `2048` -> 2048, `["\\n"]` -> list, `true` -> True; anything else stays a string."""
+def _typed_value(key: str, raw: str) -> Any:
+    """`0.7` -> 0.7, `2048` -> 2048, `["\\n"]` -> list, `true` -> True; other text stays a string. A value
+    that starts like a JSON list, object or string must be valid JSON (a typo is not sent as text)."""
     try:
         return json.loads(raw)
-    except ValueError:
+    except ValueError as exc:
+        if raw.lstrip()[:1] in ("[", "{", '"'):
+            raise UsageError(f"invalid --config {key}={raw}: not valid JSON ({exc})") from None
         return raw
 
 
@@ -113,7 +134,7 @@ def parse_config(pairs: list[str], config_file: Path | None = None) -> dict[str,
         key = key.strip()
         if not sep or not key:
             raise UsageError(f"invalid --config {pair!r}: expected KEY=VALUE, as in temperature=0.7")
-        config[key] = _typed_value(raw)
+        config[key] = _typed_value(key, raw)
     return validate_config(config) if config else None
 
 

@@ -223,26 +223,51 @@ class JoinOutput:
         self._live: Live | None = None
         self._stop_refresh = threading.Event()
         self._refresher: threading.Thread | None = None
+        # Called once if whoever reads our stdout goes away (`join --json | head -1`): the CLI then
+        # leaves and exits as on a signal, instead of heartbeating for nobody.
+        self.on_broken: Callable[[], None] | None = None
+        self.broken = False
 
     # The session calls this from its worker thread.
     def __call__(self, event: dict[str, Any]) -> None:
         with self._lock:
-            if self.mode == "json":
-                sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
+            try:
+                self._render(event)
+            except BrokenPipeError:
+                self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        if self.broken:
+            return
+        self.broken = True
+        import os
+
+        # Later writes (and the interpreter's final flush) go nowhere instead of raising again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        if self.on_broken is not None:
+            self.on_broken()
+
+    def _render(self, event: dict[str, Any]) -> None:
+        if self.mode == "json":
+            sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
+            sys.stdout.flush()
+        elif self.mode == "plain":
+            line = self._plain(event)
+            if line:
+                sys.stdout.write(line + "\n")
                 sys.stdout.flush()
-            elif self.mode == "plain":
+        elif self.mode == "live":
+            if event["event"] == "joined" and self._live is None:
+                self._start_live()
+            elif event["event"] == "left":
+                self._stop_live()
                 line = self._plain(event)
                 if line:
-                    sys.stdout.write(line + "\n")
-                    sys.stdout.flush()
-            elif self.mode == "live":
-                if event["event"] == "joined" and self._live is None:
-                    self._start_live()
-                elif event["event"] == "left":
-                    self._stop_live()
-                    _console(sys.stderr).print(self._plain(event) or "", highlight=False)
-                elif self._live is not None:
-                    self._live.update(self._panel(), refresh=True)
+                    _console(sys.stderr).print(line, highlight=False)
+            elif self._live is not None:
+                self._live.update(self._panel(), refresh=True)
 
     def _plain(self, event: dict[str, Any]) -> str | None:
         name = event["event"]
@@ -260,7 +285,8 @@ class JoinOutput:
         if name == "rejoined":
             return "the hub had forgotten us: rejoined"
         if name == "left":
-            return "left the room" if event.get("confirmed") else "left, but the hub did not confirm it"
+            # An unconfirmed leave is one warning on stderr (with the cleanup command), from the CLI.
+            return "left the room" if event.get("confirmed") else None
         return None
 
     # -- the live panel ---------------------------------------------------------------------------
@@ -316,10 +342,12 @@ class JoinOutput:
         grid = Table.grid(padding=(0, 2))
         grid.add_column(style="bold")
         grid.add_column()
-        for key in ("room", "hub", "nickname", "model", "endpoint"):
+        for key in ("room", "hub", "nickname", "model", "endpoint", "id"):
             grid.add_row(key, self.info.get(key, "-"))
         if st is not None:
-            colour = {"online": "green", "reconnecting": "yellow", "left": "blue"}.get(st.state, "white")
+            colour = {"online": "green", "reconnecting": "yellow", "leaving": "blue", "left": "blue"}.get(
+                st.state, "white"
+            )
             state = Text(st.state, style=f"bold {colour}")
             if st.state == "reconnecting" and st.last_error:
                 state.append(f"  {st.last_error}", style="yellow")

@@ -1218,7 +1218,8 @@ def serve(
 
     previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP (a closed terminal) stops it cleanly too, where the platform has it.
+        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
             previous[sig] = signal.signal(sig, handle)
     try:
         _stderr_line(f"llmroom hub listening on {hub.url} (Ctrl-C to stop)")

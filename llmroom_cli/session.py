@@ -117,6 +117,7 @@ class Session:
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
         startup_retry_s: float = STARTUP_RETRY_S,
+        on_retry: Callable[[str, float], None] | None = None,
     ) -> None:
         self.client = client
         self.plan = plan
@@ -124,6 +125,8 @@ class Session:
         self.stop = stop or threading.Event()
         self.clock = clock
         self.startup_retry_s = startup_retry_s
+        # Told once, with the reason and the seconds left, when start-up begins retrying the hub.
+        self.on_retry = on_retry
         self.status = Status()
         self.join_maybe_sent = False
         self.joined = False
@@ -152,10 +155,12 @@ class Session:
                     self.join_maybe_sent = True
                     data = self.client.join(self.plan.code, self.plan.body(), timeout_s=self._join_timeout())
                 break
-            except HubUnavailable:
+            except HubUnavailable as exc:
                 remaining = deadline - self.clock()
                 if remaining <= 0 or self.stop.is_set():
                     raise
+                if self.on_retry is not None and delay == 0.25:
+                    self.on_retry(exc.message, remaining)
                 if self.stop.wait(min(delay, remaining)):
                     return
                 delay = min(delay * 2, 2.0)
@@ -244,6 +249,7 @@ class Session:
         """DELETE ourselves from the room with a short timeout; True when the hub confirmed it."""
         if self.left or not self.join_maybe_sent:
             return True
+        self.status.state = "leaving"
         # Let an in-flight join/heartbeat land first, so our leave is not overtaken by it.
         got = self._in_flight.acquire(timeout=LEAVE_WAIT_INFLIGHT_S)
         try:

@@ -4,6 +4,7 @@ and coming back on the same port)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -123,6 +124,7 @@ def test_second_ctrl_c_exits_at_once(hub: RunningHub, llm: StandIn, room: str) -
     a.signal(signal.SIGINT)
     assert a.finish() == 130
     assert "interrupted again" in a.stderr and "Traceback" not in a.stderr
+    assert f"llmroom leave --hub {hub.url} {room} " in a.stderr  # how to clean up what is left
     hub.fault = None
 
 
@@ -515,3 +517,52 @@ def test_debug_traces_http_but_never_the_password(hub: RunningHub, llm: StandIn)
     assert a.finish() == 0
     assert "HTTP Request: POST" in a.stderr and "/join" in a.stderr
     assert "s3cr3t-pw" not in a.stderr + "".join(a.raw)
+
+
+def test_json_error_event_is_compact_like_the_others(hub: RunningHub, llm: StandIn, room: str) -> None:
+    r = cli("join", room, "--hub", hub.url, "-e", llm.url, "-m", "nope", "--json")
+    assert r.returncode == 6
+    assert r.stdout.startswith('{"event":"error","ts":')
+
+
+def test_reader_going_away_makes_the_agent_leave_quietly(hub: RunningHub, llm: StandIn, room: str) -> None:
+    script = (
+        f"{sys.executable} -m llmroom_cli join {room} --hub {hub.url} -e {llm.url} --json --interval 0.05"
+        " | head -1; echo rc=${PIPESTATUS[0]}"
+    )
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.stdout.startswith('{"event":"joined"') and "rc=0" in r.stdout, r.stderr
+    assert "unexpected" not in r.stderr and "Traceback" not in r.stderr
+    assert listed(hub, room) == []
+
+
+def test_cleanup_command_is_given_when_the_leave_is_not_confirmed(
+    hub: RunningHub, llm: StandIn, room: str
+) -> None:
+    a = agent(hub, llm, room)
+    pid = a.wait_event("joined")["id"]
+    a.wait_event("heartbeat")
+    hub.fault = "freeze"
+    a.signal(signal.SIGTERM)
+    assert a.finish() == 0
+    hub.fault = None
+    assert f"llmroom leave --hub {hub.url} {room} {pid}" in a.stderr
+    assert len(a.stderr.strip().splitlines()) == 1
+
+
+def test_missing_password_says_the_room_is_protected(hub: RunningHub, llm: StandIn) -> None:
+    room = hub.state.create_room("locked", password="pw")["code"]
+    r = cli("join", room, "--hub", hub.url, "-e", llm.url)
+    assert r.returncode == 4
+    assert "protected and no password was given" in r.stderr
+
+
+def test_unreachable_hub_at_startup_says_it_is_retrying(llm: StandIn) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    r = cli("join", "ABC123", "--hub", dead, "-e", llm.url, "--json")
+    assert r.returncode == 5
+    lines = r.stderr.strip().splitlines()
+    assert "retrying for up to" in lines[0] and lines[-1].startswith("error:")
+    assert [json.loads(x)["event"] for x in r.stdout.splitlines()] == ["error"]

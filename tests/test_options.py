@@ -58,6 +58,8 @@ def test_code_parsing_never_crashes(text: str) -> None:
         ("http://hub.lan:3000/", "http://hub.lan:3000"),
         ("https://hub.example/base/", "https://hub.example/base"),
         ("10.0.0.5:80", "http://10.0.0.5:80"),
+        ("localhost", "http://localhost:3000"),
+        ("[::1]", "http://[::1]:3000"),
     ],
 )
 def test_hub_urls(raw: str, expected: str) -> None:
@@ -138,3 +140,14 @@ def test_bad_config_files(tmp_path: Path, name: str, text: str) -> None:
         parse_config([], path)
     with pytest.raises(UsageError):
         parse_config([], tmp_path / "missing.json")
+
+
+def test_credentials_in_a_url_are_refused_and_never_echoed() -> None:
+    with pytest.raises(UsageError) as info:
+        normalize_hub_url("http://bob:pw123@hub.lan:3000")
+    assert "pw123" not in str(info.value) and "not supported" in str(info.value)
+
+
+def test_a_value_that_looks_like_json_must_be_json() -> None:
+    with pytest.raises(UsageError, match="not valid JSON"):
+        parse_config(['stop=["\\n"'])
