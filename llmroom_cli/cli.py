@@ -114,9 +114,9 @@ def _run(fn: Callable[[], T], debug: bool = False) -> T:
         raise typer.Exit(130) from None
     except BrokenPipeError:
         # The reader of our output went away (`... | head -1`): stop quietly, as SIGPIPE would.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        from llmroom_cli.render import silence_stdout
+
+        silence_stdout()
         raise typer.Exit(141) from None
     except Exception as exc:
         if _state["debug"]:
@@ -336,11 +336,11 @@ def create(
     """Create a room and print its code (only the code when piped: CODE=$(llmroom create NAME))."""
 
     def body() -> None:
-        hub_url = _hub(hub)
         if not name.strip():
             raise UsageError("the room name is empty")
         if len(name) > 256:
             raise UsageError(f"the room name is {len(name)} characters long: at most 256")
+        hub_url = _hub(hub)
         password = _read_password_stdin() if password_stdin else None
         data = _client(hub_url).create_room(name, password)
         if json_out:

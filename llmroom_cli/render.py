@@ -22,6 +22,16 @@ if TYPE_CHECKING:
     from llmroom_cli.session import Status
 
 
+def silence_stdout() -> None:
+    """After the reader of stdout went away: later writes (and the interpreter's final flush) go to
+    /dev/null instead of raising BrokenPipeError again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def _console(file: IO[str] | None = None) -> Console:
     from rich.console import Console
 
@@ -240,12 +250,7 @@ class JoinOutput:
         if self.broken:
             return
         self.broken = True
-        import os
-
-        # Later writes (and the interpreter's final flush) go nowhere instead of raising again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        silence_stdout()
         if self.on_broken is not None:
             self.on_broken()
 
