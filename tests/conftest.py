@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from llmroom_cli.server import RunningHub
 
 _SCRUBBED = (
     "HTTP_PROXY",
@@ -32,6 +36,15 @@ def _hermetic_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NO_COLOR", "1")
     monkeypatch.setenv("COLUMNS", "120")
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+
+
+@pytest.fixture
+def hub() -> Iterator[RunningHub]:
+    """A real embedded hub on an ephemeral port, stopped after the test."""
+    from llmroom_cli.server import start_hub
+
+    with start_hub(port=0) as running:
+        yield running
 
 
 @pytest.fixture(autouse=True)

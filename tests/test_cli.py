@@ -6,23 +6,15 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
 from llmroom_cli import __version__
-from llmroom_cli.server import RunningHub, start_hub
+from llmroom_cli.server import RunningHub
 from llmroom_cli.standin import StandIn
 from tests.helpers import cli
 
 HEAVY = ("httpx", "rich", "psutil", "pynvml", "llmroom_cli.server", "zeroconf")
-
-
-@pytest.fixture
-def hub() -> Iterator[RunningHub]:
-    h = start_hub(port=0)
-    yield h
-    h.stop()
 
 
 def test_version() -> None:

@@ -70,15 +70,6 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def hub() -> Iterator[RunningHub]:
-    h = start_hub(port=0)
-    try:
-        yield h
-    finally:
-        h.stop()
-
-
 # -- parsing zeroconf's ServiceInfo -----------------------------------------------------------------
 
 

@@ -24,15 +24,6 @@ def http() -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def hub() -> Iterator[RunningHub]:
-    running = start_hub()
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture
 def ollama() -> Iterator[FakeLLMServer]:
     with FakeLLMServer("ollama") as server:
         yield server

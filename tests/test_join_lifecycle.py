@@ -23,13 +23,6 @@ INTERVAL = "0.05"
 
 
 @pytest.fixture
-def hub() -> Iterator[RunningHub]:
-    h = start_hub(port=0, participant_timeout_s=30.0)
-    yield h
-    h.stop()
-
-
-@pytest.fixture
 def llm() -> Iterator[StandIn]:
     with StandIn() as s:
         yield s

@@ -181,12 +181,6 @@ class SSE:
 
 
 @pytest.fixture
-def hub() -> Iterator[RunningHub]:
-    with start_hub(port=0) as h:
-        yield h
-
-
-@pytest.fixture
 def api(hub: RunningHub) -> Iterator[Http]:
     client = Http(hub)
     yield client

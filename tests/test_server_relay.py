@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from llmroom_cli.server import NO_PARTICIPANT, RunningHub, start_hub
+from llmroom_cli.server import NO_PARTICIPANT, RunningHub
 from tests.helpers import WAIT_S
 from tests.test_server_contract import SSE, Http, dead_port, member
 
@@ -69,12 +69,6 @@ class FakeLLM:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(WAIT_S)
-
-
-@pytest.fixture
-def hub() -> Iterator[RunningHub]:
-    with start_hub(port=0) as h:
-        yield h
 
 
 @pytest.fixture
