@@ -14,11 +14,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
-import typer
 
-from llmroom_cli import __version__
-from llmroom_cli.errors import EndpointError, InvalidPassword, LlmroomError, UsageError
-from llmroom_cli.identity import default_nickname
+def _ensure_std_streams() -> None:
+    """`llmroom ... >&-` (or `2>&-`, `<&-`) starts us with a standard fd closed: Python then has no
+    sys.stdout, and the next file or socket opened would take fd 1 and receive our output. Point each
+    closed one at /dev/null first, before anything else is opened (hence at import time)."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False, encoding="utf-8"))
+
+
+_ensure_std_streams()
+
+import typer  # noqa: E402
+
+from llmroom_cli import __version__  # noqa: E402
+from llmroom_cli.errors import EndpointError, InvalidPassword, LlmroomError, UsageError  # noqa: E402
+from llmroom_cli.identity import default_nickname  # noqa: E402
 
 # Modules that only some commands need (json, threading, traceback, the option parsers) are imported
 # inside those commands: `--help` and `--version` pay for typer alone.
@@ -80,8 +99,15 @@ CodeArg = Annotated[
 
 
 def _err(text: str) -> None:
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
+    """One line on stderr. A closed, full or hung-up stderr is not an error of ours: the line is
+    dropped (and later ones with it), the command's outcome and exit code stay what they were."""
+    try:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        from llmroom_cli.render import silence_fd
+
+        silence_fd(2)
 
 
 def _debug(text: str) -> None:

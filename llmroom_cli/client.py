@@ -17,8 +17,20 @@ from llmroom_cli.errors import (
     ParticipantNotFound,
     RoomNotFound,
 )
+from llmroom_cli.http import Answer, AnswerTooLarge, exchange
 
 _START_HINT = "is the hub running? start one with: llmroom serve"
+
+# What is read from a hub answer, at most (decompressed). Join, heartbeat, leave, health and create
+# answer with one small object: 64 KiB is ample and bounds what a hostile hub costs us. Listings grow
+# with the room: a participant with full specs is about 1 KiB, so 32 MiB holds some 30,000 of them.
+ANSWER_CAP_BYTES = 64 * 1024
+LIST_CAP_BYTES = 32 * 1024 * 1024
+# One event of the room's event stream (a line of `data:`), at most.
+EVENT_CAP_BYTES = 1024 * 1024
+# The whole exchange (connect, send, headers, body) of a call without its own deadline.
+CALL_DEADLINE_S = 10.0
+LIST_DEADLINE_S = 30.0
 
 
 class HubClient:
@@ -44,7 +56,7 @@ class HubClient:
         return data
 
     def list_rooms(self) -> list[dict[str, Any]]:
-        data = self._json("GET", "/rooms")
+        data = self._json("GET", "/rooms", max_bytes=LIST_CAP_BYTES, timeout_s=LIST_DEADLINE_S)
         rooms = data.get("rooms")
         if not isinstance(rooms, list) or not all(isinstance(r, dict) for r in rooms):
             raise self._bad_shape("GET /rooms")
@@ -52,13 +64,14 @@ class HubClient:
 
     def rooms_body(self) -> dict[str, Any]:
         """The raw body of GET /rooms (for `list --json`), shape-checked."""
-        data = self._json("GET", "/rooms")
+        data = self._json("GET", "/rooms", max_bytes=LIST_CAP_BYTES, timeout_s=LIST_DEADLINE_S)
         if not isinstance(data.get("rooms"), list):
             raise self._bad_shape("GET /rooms")
         return data
 
     def participants_body(self, code: str) -> dict[str, Any]:
-        data = self._json("GET", f"/rooms/{_seg(code)}/participants")
+        path = f"/rooms/{_seg(code)}/participants"
+        data = self._json("GET", path, max_bytes=LIST_CAP_BYTES, timeout_s=LIST_DEADLINE_S)
         parts = data.get("participants")
         if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
             raise self._bad_shape("GET /rooms/:code/participants")
@@ -82,10 +95,11 @@ class HubClient:
         self._json("DELETE", path, timeout_s=timeout_s)
 
     def models(self, code: str) -> dict[str, Any]:
-        return self._json("GET", f"/rooms/{_seg(code)}/v1/models")
+        return self._json("GET", f"/rooms/{_seg(code)}/v1/models", max_bytes=LIST_CAP_BYTES)
 
     def chat(self, code: str, body: dict[str, Any], timeout_s: float | None = 60.0) -> dict[str, Any]:
-        return self._json("POST", f"/rooms/{_seg(code)}/v1/chat/completions", body, timeout_s=timeout_s)
+        path = f"/rooms/{_seg(code)}/v1/chat/completions"
+        return self._json("POST", path, body, timeout_s=timeout_s, max_bytes=LIST_CAP_BYTES)
 
     def events(self, code: str) -> Iterator[tuple[str, Any]]:
         """Follow the room's Server-Sent Events: yields (event, data) until the stream ends."""
@@ -94,10 +108,19 @@ class HubClient:
         try:
             with self.http.stream("GET", url, timeout=timeout) as resp:
                 if resp.status_code != 200:
-                    resp.read()
-                    self._raise_for(resp, "GET", f"/rooms/{code}/events")
+                    head = bytearray()
+                    for chunk in resp.iter_bytes():
+                        head += chunk
+                        if len(head) > ANSWER_CAP_BYTES:
+                            break
+                    answer = Answer(resp.status_code, resp.headers, bytes(head[:ANSWER_CAP_BYTES]))
+                    self._raise_for(answer, "GET", f"/rooms/{code}/events")
                 event, data = "message", ""
                 for line in resp.iter_lines():
+                    if len(data) + len(line) > EVENT_CAP_BYTES:
+                        raise HubProtocolError(
+                            f"the hub at {self.base_url} sent an event larger than {EVENT_CAP_BYTES} bytes"
+                        )
                     if not line:
                         if data:
                             yield event, _loads_or_text(data)
@@ -108,20 +131,40 @@ class HubClient:
                         data += line[5:].strip()
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
+        except httpx.DecodingError as exc:
+            raise HubProtocolError(
+                f"the hub at {self.base_url} sent an undecodable event stream: {exc}"
+            ) from exc
 
     # -- plumbing ---------------------------------------------------------------------------------
 
     def _json(
-        self, method: str, path: str, body: dict[str, Any] | None = None, timeout_s: float | None = None
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        max_bytes: int = ANSWER_CAP_BYTES,
     ) -> dict[str, Any]:
+        """One call: the whole exchange ends within `timeout_s` and reads at most `max_bytes`; every
+        way a hub can answer badly (slow, huge, undecodable, not JSON, absurdly nested) becomes
+        HubUnavailable or HubProtocolError, never anything else."""
         url = self.base_url + path
+        total_s = timeout_s if timeout_s is not None else CALL_DEADLINE_S
         try:
-            if timeout_s is None:
-                resp = self.http.request(method, url, json=body)
-            else:
-                resp = self.http.request(method, url, json=body, timeout=timeout_s)
+            resp = exchange(self.http, method, url, json=body, total_s=total_s, max_bytes=max_bytes)
         except httpx.TimeoutException as exc:
             raise HubUnavailable(f"the hub at {self.base_url} did not answer in time", _START_HINT) from exc
+        except AnswerTooLarge as exc:
+            raise HubProtocolError(
+                f"the hub at {self.base_url} answered {method} {path} with too much data ({exc})",
+                "check the --hub URL",
+            ) from exc
+        except httpx.DecodingError as exc:
+            raise HubProtocolError(
+                f"the hub at {self.base_url} answered {method} {path} with an undecodable body ({exc})",
+                "check the --hub URL",
+            ) from exc
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
         if resp.status_code >= 400:
@@ -135,7 +178,7 @@ class HubClient:
             )
         return data
 
-    def _raise_for(self, resp: httpx.Response, method: str, path: str) -> None:
+    def _raise_for(self, resp: Answer | httpx.Response, method: str, path: str) -> None:
         data = _json_object(resp)
         message = data.get("error") if data is not None else None
         if not isinstance(message, str):
@@ -182,10 +225,11 @@ def _seg(value: str) -> str:
     return quote(value, safe="")
 
 
-def _json_object(resp: httpx.Response) -> dict[str, Any] | None:
+def _json_object(resp: Answer | httpx.Response) -> dict[str, Any] | None:
     try:
         data = json.loads(resp.content)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: JSON nested thousands deep is hub trouble like any other non-JSON answer.
         return None
     return data if isinstance(data, dict) else None
 
@@ -197,6 +241,6 @@ def _loads_or_text(text: str) -> Any:
         return text
 
 
-def _describe(resp: httpx.Response) -> str:
+def _describe(resp: Answer | httpx.Response) -> str:
     ctype = resp.headers.get("content-type", "no content type").split(";")[0]
     return f"HTTP {resp.status_code}, {ctype}"

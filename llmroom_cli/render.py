@@ -25,11 +25,31 @@ if TYPE_CHECKING:
 def silence_stdout() -> None:
     """After the reader of stdout went away: later writes (and the interpreter's final flush) go to
     /dev/null instead of raising BrokenPipeError again."""
+    silence_fd(1)
+
+
+def silence_fd(fd: int) -> None:
+    """Point `fd` at /dev/null: a lost terminal (EIO), a gone reader (EPIPE) or a full disk (ENOSPC)
+    stops mattering. What was buffered for it is dropped, not retried."""
     import os
 
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.dup2(devnull, fd)
+    except OSError:
+        pass
+    finally:
+        os.close(devnull)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None and stream.fileno() == fd:
+                # Drop what the failed write left in the buffer, so the final flush does not fail too.
+                stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _console(file: IO[str] | None = None) -> Console:
@@ -241,16 +261,22 @@ class JoinOutput:
     # The session calls this from its worker thread.
     def __call__(self, event: dict[str, Any]) -> None:
         with self._lock:
+            if self.broken:
+                return
             try:
                 self._render(event)
-            except BrokenPipeError:
+            except OSError:
                 self._reader_gone()
 
     def _reader_gone(self) -> None:
+        """Whoever reads us is gone: the pipe's reader (EPIPE) or the terminal itself (EIO after a
+        hang-up). Not an error: stop drawing, and let the CLI leave the room and exit 0."""
         if self.broken:
             return
         self.broken = True
-        silence_stdout()
+        silence_fd(1)
+        if self.mode == "live":
+            silence_fd(2)  # the panel's terminal is stderr's too
         if self.on_broken is not None:
             self.on_broken()
 
@@ -307,15 +333,22 @@ class JoinOutput:
     def _refresh_loop(self) -> None:
         while not self._stop_refresh.wait(1.0):
             with self._lock:
-                if self._live is not None:
-                    self._live.update(self._panel(), refresh=True)
+                if self._live is not None and not self.broken:
+                    try:
+                        self._live.update(self._panel(), refresh=True)
+                    except OSError:
+                        self._reader_gone()
 
     def _stop_live(self) -> None:
         self._stop_refresh.set()
-        if self._live is not None:
-            self._live.update(self._panel(), refresh=True)
-            self._live.stop()
-            self._live = None
+        live, self._live = self._live, None
+        if live is not None:
+            try:
+                if not self.broken:
+                    live.update(self._panel(), refresh=True)
+                live.stop()
+            except OSError:
+                self._reader_gone()
 
     def close(self) -> None:
         with self._lock:
@@ -324,19 +357,25 @@ class JoinOutput:
     def note(self, text: str, table: tuple[Sequence[str], list[list[str]], list[bool]] | None = None) -> None:
         """A message (and optionally a table) shown above the live panel, or as plain lines."""
         with self._lock:
-            if self.mode == "quiet":
+            if self.mode == "quiet" or self.broken:
                 return
-            if self.mode == "live" and self._live is not None:
-                self._live.console.print(text, highlight=False, markup=False)
-                if table is not None:
-                    self._live.console.print(build_table(*table))
-                return
-            out = sys.stderr if self.mode == "json" else sys.stdout
-            out.write(text + "\n")
+            try:
+                self._note(text, table)
+            except OSError:
+                self._reader_gone()
+
+    def _note(self, text: str, table: tuple[Sequence[str], list[list[str]], list[bool]] | None) -> None:
+        if self.mode == "live" and self._live is not None:
+            self._live.console.print(text, highlight=False, markup=False)
             if table is not None:
-                for row in table[1]:
-                    out.write("\t".join(row) + "\n")
-            out.flush()
+                self._live.console.print(build_table(*table))
+            return
+        out = sys.stderr if self.mode == "json" else sys.stdout
+        out.write(text + "\n")
+        if table is not None:
+            for row in table[1]:
+                out.write("\t".join(row) + "\n")
+        out.flush()
 
     def _panel(self) -> Panel:
         from rich.panel import Panel

@@ -205,6 +205,11 @@ class Session:
         except (HubUnavailable, HubRejected) as exc:
             self._trouble(exc)
             return
+        except InvalidPassword:
+            # A heartbeat carries no password: a 401 to it is the hub misbehaving (or a proxy in front
+            # of it), not a wrong password of ours. Ride it out like any other hub trouble.
+            self._trouble(HubUnavailable(f"the hub at {self.plan.hub_url} refused the heartbeat (401)"))
+            return
         rtt_ms = round((self.clock() - started) * 1000, 2)
         self.status.beats = seq
         self.status.last_beat_at = self.clock()
@@ -222,6 +227,13 @@ class Session:
             return
         except HubRejected as exc:
             self._trouble(exc)
+            return
+        except InvalidPassword:
+            # The room now wants another password than the one we joined with: keep trying (the
+            # hub may come back as it was), saying so plainly.
+            self._trouble(
+                HubUnavailable(f"the hub at {self.plan.hub_url} refused the rejoin: invalid password")
+            )
             return
         self.status.rejoins += 1
         self.status.beats += 1
@@ -342,6 +354,9 @@ def capture_signals(
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in sigs:
+            # `nohup llmroom join ...`: a hang-up the user asked to ignore stays ignored.
+            if getattr(signal, "SIGHUP", None) == sig and signal.getsignal(sig) == signal.SIG_IGN:
+                continue
             previous[sig] = signal.signal(sig, handle)
     try:
         yield received
