@@ -101,12 +101,13 @@ CodeArg = Annotated[
 def _err(text: str) -> None:
     """One line on stderr. A closed, full or hung-up stderr is not an error of ours: the line is
     dropped (and later ones with it), the command's outcome and exit code stay what they were."""
+    from llmroom_cli.render import silence_fd, visible
+
     try:
-        sys.stderr.write(text + "\n")
+        # Messages carry foreign text (a hub's error, an mDNS name): shown literally, one line.
+        sys.stderr.write(visible(text) + "\n")
         sys.stderr.flush()
     except (OSError, ValueError):
-        from llmroom_cli.render import silence_fd
-
         silence_fd(2)
 
 

@@ -7,6 +7,7 @@ rich is imported only where something is drawn on a terminal: piped and JSON out
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 import time
@@ -52,6 +53,30 @@ def silence_fd(fd: int) -> None:
             pass
 
 
+# What foreign text (nicknames, model and room names, mDNS names, error messages from a hub) must
+# never carry to a terminal: C0 and C1 controls (ESC starts every ANSI/OSC sequence), DEL, the bidi
+# overrides that reorder what is shown, and lone surrogates (which cannot even be encoded).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _shown(match: re.Match[str]) -> str:
+    ch = match.group()
+    code = ord(ch)
+    if 0xD800 <= code <= 0xDFFF:
+        return "\ufffd"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def visible(text: str) -> str:
+    """Foreign text made safe to show, literally: control characters become visible escapes (ESC is
+    shown as the four characters `\\x1b`), lone surrogates become U+FFFD. Rich markup is not
+    interpreted anywhere it is drawn (cells are `Text`, prints use markup=False), so `[/red]` is shown
+    as typed. Every command that shows foreign text goes through here."""
+    if not _UNSAFE.search(text):
+        return text
+    return _UNSAFE.sub(_shown, text)
+
+
 def _console(file: IO[str] | None = None) -> Console:
     from rich.console import Console
 
@@ -78,7 +103,7 @@ def _text(value: Any) -> str:
         return "-"
     if isinstance(value, (dict, list)):
         return json.dumps(value, separators=(",", ":"))
-    return str(value).replace("\t", " ").replace("\n", " ")
+    return str(value)
 
 
 ROOM_COLUMNS = ("CODE", "NAME", "PARTICIPANTS", "AGE")
@@ -123,12 +148,15 @@ def participant_rows(parts: Sequence[dict[str, Any]], now_ms: float | None = Non
 
 def build_table(columns: Sequence[str], rows: Sequence[Sequence[str]], dim: Sequence[bool] = ()) -> Table:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in columns:
         table.add_column(col, overflow="fold")
     for i, row in enumerate(rows):
-        table.add_row(*row, style="dim" if i < len(dim) and dim[i] else None)
+        # Text cells: rich markup in a nickname (`[/]x`, `[red]`) is shown, never interpreted.
+        cells = [Text(visible(cell)) for cell in row]
+        table.add_row(*cells, style="dim" if i < len(dim) and dim[i] else None)
     return table
 
 
@@ -143,16 +171,16 @@ def print_table(
     out = file or sys.stdout
     if not out.isatty():
         for row in rows:
-            out.write("\t".join(row) + "\n")
+            out.write("\t".join(visible(cell) for cell in row) + "\n")
         out.flush()
         return
     if len(rows) > RICH_MAX_ROWS:
-        _print_aligned(columns, rows, dim, out)
+        _print_aligned(columns, [[visible(cell) for cell in row] for row in rows], dim, out)
         return
     console = _console(out)
     if not rows:
         if empty:
-            console.print(empty, style="dim")
+            console.print(visible(empty), style="dim", markup=False)
         return
     console.print(build_table(columns, rows, dim))
 
@@ -213,12 +241,12 @@ class Watcher:
             from rich.text import Text
 
             caption = Text(
-                f"{self.title} · {stamp}{' · ' + note if note else ''} · Ctrl-C to stop", style="dim"
+                visible(f"{self.title} · {stamp}{' · ' + note if note else ''} · Ctrl-C to stop"), style="dim"
             )
             self.live.update(Group(build_table(self.columns, rows, dim), caption), refresh=True)
             return
         for row in rows:
-            sys.stdout.write("\t".join(row) + "\n")
+            sys.stdout.write("\t".join(visible(cell) for cell in row) + "\n")
         sys.stdout.write("\n")
         sys.stdout.flush()
 
@@ -296,11 +324,15 @@ class JoinOutput:
                 self._stop_live()
                 line = self._plain(event)
                 if line:
-                    _console(sys.stderr).print(line, highlight=False)
+                    _console(sys.stderr).print(line, highlight=False, markup=False)
             elif self._live is not None:
                 self._live.update(self._panel(), refresh=True)
 
     def _plain(self, event: dict[str, Any]) -> str | None:
+        line = self._plain_raw(event)
+        return visible(line) if line is not None else None
+
+    def _plain_raw(self, event: dict[str, Any]) -> str | None:
         name = event["event"]
         if name == "joined":
             return (
@@ -365,6 +397,7 @@ class JoinOutput:
                 self._reader_gone()
 
     def _note(self, text: str, table: tuple[Sequence[str], list[list[str]], list[bool]] | None) -> None:
+        text = visible(text)
         if self.mode == "live" and self._live is not None:
             self._live.console.print(text, highlight=False, markup=False)
             if table is not None:
@@ -374,7 +407,7 @@ class JoinOutput:
         out.write(text + "\n")
         if table is not None:
             for row in table[1]:
-                out.write("\t".join(row) + "\n")
+                out.write("\t".join(visible(cell) for cell in row) + "\n")
         out.flush()
 
     def _panel(self) -> Panel:
@@ -387,14 +420,14 @@ class JoinOutput:
         grid.add_column(style="bold")
         grid.add_column()
         for key in ("room", "hub", "nickname", "model", "endpoint", "id"):
-            grid.add_row(key, self.info.get(key, "-"))
+            grid.add_row(key, Text(visible(str(self.info.get(key, "-")))))
         if st is not None:
             colour = {"online": "green", "reconnecting": "yellow", "leaving": "blue", "left": "blue"}.get(
                 st.state, "white"
             )
             state = Text(st.state, style=f"bold {colour}")
             if st.state == "reconnecting" and st.last_error:
-                state.append(f"  {st.last_error}", style="yellow")
+                state.append(f"  {visible(st.last_error)}", style="yellow")
             grid.add_row("status", state)
             now = self.clock()
             if st.last_beat_at is not None:
@@ -413,6 +446,7 @@ class JoinOutput:
 def print_text(text: str, style: str | None = None, file: IO[str] | None = None) -> None:
     """A line on a console: styled on a terminal, plain (and without loading rich) elsewhere."""
     out = file or sys.stdout
+    text = visible(text)
     if not out.isatty():
         out.write(text + "\n")
         out.flush()

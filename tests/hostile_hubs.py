@@ -34,6 +34,8 @@ class HostileHub:
         self.joins: list[dict[str, Any]] = []
         self.beats = 0
         self.leaves: list[str] = []
+        self.models: list[str] = ["model-a"]
+        self.sent_bytes = 0  # body bytes of "huge" answers that reached the socket
         self.participants: dict[str, dict[str, Any]] = {}
         self.stopping = threading.Event()
         self.lock = threading.Lock()
@@ -80,6 +82,10 @@ class HostileHub:
         status = 404
         if method == "GET" and parts == ["health"]:
             route, status, answer = "health", 200, {"status": "ok", "timestamp": int(time.time() * 1000)}
+        elif method == "GET" and parts == ["v1", "models"]:
+            # Also an OpenAI-compatible "LLM server" whose model names are chosen by the test.
+            route, status = "models", 200
+            answer = {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]}
         elif method == "GET" and parts == ["rooms"]:
             route, status, answer = "rooms", 200, {"rooms": []}
         elif len(parts) >= 3 and parts[0] == "rooms":
@@ -146,6 +152,8 @@ class HostileHub:
                     if self.stopping.is_set():
                         return
                     h.wfile.write(chunk)
+                    with self.lock:
+                        self.sent_bytes += len(chunk)
             elif fault == "401":
                 self._send(h, 401, b'{"error":"Invalid password"}')
             elif fault.startswith("body:"):
