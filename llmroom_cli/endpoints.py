@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from llmroom_cli.errors import EndpointError, UsageError
-from llmroom_cli.options import refuse_credentials
+from llmroom_cli.options import build_url, refuse_credentials
 
 KINDS = ("ollama", "lmstudio", "llamacpp", "vllm", "localai", "openai")
 
@@ -167,7 +167,7 @@ def normalize_endpoint(url: str) -> str:
     path = re.sub(r"/{2,}", "/", parts.path).rstrip("/")
     if path.endswith("/v1"):
         path = path[: -len("/v1")].rstrip("/")
-    return f"{scheme}://{host}{'' if port is None else f':{port}'}{path}"
+    return build_url(scheme, host, port, path)
 
 
 def probe_url(url: str) -> str:
@@ -181,9 +181,7 @@ def probe_url(url: str) -> str:
         return base
     if not addr.is_unspecified:
         return base
-    loopback = "127.0.0.1" if addr.version == 4 else "[::1]"
-    netloc = loopback if parts.port is None else f"{loopback}:{parts.port}"
-    return f"{parts.scheme}://{netloc}{parts.path}"
+    return build_url(parts.scheme, "127.0.0.1" if addr.version == 4 else "::1", parts.port, parts.path)
 
 
 # -- HTTP answers ---------------------------------------------------------------------------------

@@ -63,18 +63,35 @@ def _check_host_port(url: str, what: str) -> tuple[str, str]:
     return parts.scheme, parts.path
 
 
+def build_url(scheme: str, host: str, port: int | None = None, path: str = "") -> str:
+    """The one place a URL is put together from its parts (hubs and LLM endpoints alike): an IPv6
+    host gets its brackets, a port only when there is one. Never edit a URL as a string."""
+    netloc = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    if port is not None:
+        netloc += f":{port}"
+    return f"{scheme}://{netloc}{path}"
+
+
+# A hub given as a bare host (`--hub h`, `--hub 10.0.0.5`) is on the reference hub's usual port.
+HUB_DEFAULT_PORT = 3000
+
+
 def normalize_hub_url(url: str) -> str:
-    """`host:port` -> `http://host:port`; strips trailing slashes. Raises UsageError."""
+    """`host` -> `http://host:3000`, `host:port` -> `http://host:port`; strips trailing slashes.
+    Raises UsageError."""
     text = url.strip()
     if not text:
         raise UsageError("the hub URL is empty (use --hub http://HOST:PORT)")
-    if "://" not in text:
+    bare = "://" not in text
+    if bare:
         text = "http://" + text
-        host_only = text.split("://", 1)[1].split("/", 1)[0]
-        if not re.search(r":\d*$", host_only):
-            text = text.replace(host_only, host_only + ":3000", 1)  # a bare host: the hub's usual port
     _check_host_port(text, "hub")
-    return text.rstrip("/")
+    parts = urlsplit(text)
+    port = parts.port
+    if bare and port is None:
+        port = HUB_DEFAULT_PORT
+    host = parts.hostname or ""
+    return build_url(parts.scheme.lower(), host, port, parts.path.rstrip("/"))
 
 
 # OpenAI generation parameters that hub-api.md lists, with their ranges (None: unbounded that side).

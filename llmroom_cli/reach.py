@@ -86,11 +86,10 @@ def _host_port(url: str) -> tuple[str, int]:
 
 def _with_host(url: str, host: str) -> str:
     """`url` with its host replaced, scheme, port and path kept."""
+    from llmroom_cli.options import build_url
+
     parts = urlsplit(url)
-    netloc = f"[{host}]" if ":" in host else host
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return f"{parts.scheme}://{netloc}{parts.path}"
+    return build_url(parts.scheme, host, parts.port, parts.path)
 
 
 def route_address(hub_host: str, port: int) -> str | None:

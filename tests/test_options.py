@@ -151,3 +151,34 @@ def test_credentials_in_a_url_are_refused_and_never_echoed() -> None:
 def test_a_value_that_looks_like_json_must_be_json() -> None:
     with pytest.raises(UsageError, match="not valid JSON"):
         parse_config(['stop=["\\n"'])
+
+
+@pytest.mark.parametrize(
+    ("typed", "url"),
+    [
+        ("h", "http://h:3000"),
+        ("t", "http://t:3000"),
+        ("p", "http://p:3000"),
+        ("http", "http://http:3000"),
+        ("hub.lan", "http://hub.lan:3000"),
+        ("h:4000", "http://h:4000"),
+        ("[::1]", "http://[::1]:3000"),
+        ("10.0.0.5/base/", "http://10.0.0.5:3000/base"),
+        ("https://h", "https://h"),
+        ("http://t:3000/", "http://t:3000"),
+    ],
+)
+def test_hub_urls_are_built_from_their_parts(typed: str, url: str) -> None:
+    assert normalize_hub_url(typed) == url
+
+
+@pytest.mark.parametrize(
+    ("typed", "url"),
+    [("h", "http://h"), ("t:11434", "http://t:11434"), ("p/v1", "http://p"), ("http", "http://http")],
+)
+def test_endpoint_urls_are_built_from_their_parts(typed: str, url: str) -> None:
+    from llmroom_cli.endpoints import normalize_endpoint, probe_url
+
+    assert normalize_endpoint(typed) == url
+    assert probe_url("0.0.0.0:8080") == "http://127.0.0.1:8080"
+    assert probe_url("[::]:8080") == "http://[::1]:8080"
