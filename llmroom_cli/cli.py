@@ -209,6 +209,11 @@ def _ask_hub(hubs: list[Any]) -> Any:
 
 
 def _discover_hub(timeout_s: float = 1.5) -> str:
+    return _discover_hub_named(timeout_s)[0]
+
+
+def _discover_hub_named(timeout_s: float = 1.5) -> tuple[str, str]:
+    """The URL of the hub found on the local network, and how to name it to the user."""
     from llmroom_cli.discovery import discover, pick_hub
 
     hubs = discover(timeout_s)
@@ -216,7 +221,7 @@ def _discover_hub(timeout_s: float = 1.5) -> str:
     chosen = pick_hub(hubs, _ask_hub if interactive else None)
     _err(f"using hub {chosen.name} at {chosen.url} (found on the local network)")
     url: str = chosen.url
-    return url
+    return url, f"{chosen.name} at {url}"
 
 
 def _http_for_hub(hub: str | None) -> "httpx.Client":
@@ -233,18 +238,48 @@ def _hub_or_discovered(http: "httpx.Client", hub: str | None) -> str:
 
 
 def _fallback_if_down(http: "httpx.Client", hub_url: str) -> str:
+    return _fallback_named(http, hub_url)[0]
+
+
+def _fallback_named(http: "httpx.Client", hub_url: str) -> tuple[str, str | None]:
+    """The default hub if it answers, else one found on the local network; the second item names
+    that hub (None for the default one): a hub nobody named must not be sent a password unasked."""
     from llmroom_cli.client import HubClient
     from llmroom_cli.errors import HubUnavailable
 
     try:
         HubClient(http, hub_url).health(timeout_s=1.0)
-        return hub_url
+        return hub_url, None
     except HubUnavailable:
         _err(f"no hub answers at {hub_url}; looking for one on the local network ...")
     try:
-        return _discover_hub()
+        url, name = _discover_hub_named()
+        return url, name
     except HubUnavailable as exc:
         raise HubUnavailable(f"no hub answers at {hub_url}, and {exc.message}", exc.hint) from None
+
+
+def _confirm(question: str) -> bool:
+    """A yes/no question on the terminal; anything but y/yes (or EOF) is no."""
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+def _password_for_lan_hub(lan_hub: str, secret: str | None, interactive: bool) -> str | None:
+    """The implicit fallback found `lan_hub` over mDNS, which anyone on the LAN can announce: the
+    room password goes to it only if the user says so on a terminal; otherwise open rooms only."""
+    if not secret:
+        return None
+    question = f"send the room password to hub {lan_hub} (found on the local network)? [y/N] "
+    if interactive and _confirm(question):
+        return secret
+    _err(
+        f"not sending the room password to hub {lan_hub}: it was found on the local network, not named"
+        " by you (name it with --hub URL, or use --hub auto, to send it)"
+    )
+    return None
 
 
 def _code(code: str) -> str:
@@ -762,9 +797,10 @@ def _prepare_share(
     advertise: str | None = None,
     force: bool = False,
     implicit_hub: bool = False,
-) -> tuple[str, str, str, dict[str, Any] | None]:
+) -> tuple[str, str, str, dict[str, Any] | None, str | None]:
     """Check the endpoint, pick the model and the URL the hub can reach it at, while the specs are
-    detected in parallel. Returns (model, published endpoint, hub URL, specs)."""
+    detected in parallel. Returns (model, published endpoint, hub URL, specs, and the name of the hub
+    when the implicit fallback found it on the local network)."""
     import threading
 
     from llmroom_cli import endpoints
@@ -794,8 +830,9 @@ def _prepare_share(
             info = endpoints.probe(http, target)
     interactive = sys.stdin.isatty() and sys.stderr.isatty() and mode != "json"
     chosen = endpoints.choose_model(info, model, _ask_model if interactive else None)
+    lan_hub = None
     if implicit_hub:
-        hub_url = _fallback_if_down(http, hub_url)
+        hub_url, lan_hub = _fallback_named(http, hub_url)
     from llmroom_cli.reach import publishable_endpoint
 
     publication = publishable_endpoint(http, ep, hub_url, info.kind, advertise=advertise, force=force)
@@ -810,7 +847,7 @@ def _prepare_share(
         llm = endpoints.llm_specs(info, chosen)
         if llm:
             specs["llm"] = llm
-    return chosen.id, publication.url, hub_url, specs
+    return chosen.id, publication.url, hub_url, specs, lan_hub
 
 
 def _join_flow(
@@ -857,6 +894,8 @@ def _join_flow(
         os._exit(130)
 
     plan_ref: list[Any] = []
+    lan_hub: str | None = None
+    withheld = False
 
     def retry_notice(reason: str, remaining_s: float) -> None:
         if mode != "quiet":
@@ -866,9 +905,14 @@ def _join_flow(
     try:
         with capture_signals(wake, exit_now, interrupt=lambda: phase["starting"]) as received:
             http = _http(hub_url, endpoints.probe_url(ep))
-            chosen, published, hub_url, specs = _prepare_share(
+            chosen, published, hub_url, specs, lan_hub = _prepare_share(
                 http, hub_url, ep, model, no_specs, wait, mode, advertise, force, implicit_hub
             )
+            withheld = False
+            if lan_hub is not None and secret:
+                interactive = sys.stdin.isatty() and sys.stderr.isatty() and mode != "json"
+                secret = _password_for_lan_hub(lan_hub, secret, interactive)
+                withheld = secret is None
             pid = participant_id or stable_participant_id(hub_url, room, ep, _debug)
             plan = JoinPlan(hub_url, room, pid, nick, chosen, published, secret, specs, cfg, interval)
             plan_ref.append(plan)
@@ -900,7 +944,8 @@ def _join_flow(
                     import getpass
 
                     prompts += 1
-                    _err(f"room {room} is protected" if prompts == 1 else "wrong password")
+                    where = f" on hub {lan_hub} (found on the local network)" if lan_hub else ""
+                    _err(f"room {room}{where} is protected" if prompts == 1 else "wrong password")
                     phase["starting"] = True  # a Ctrl-C at the prompt just ends the command
                     plan.password = getpass.getpass("Room password: ")
                     wake.clear()
@@ -917,6 +962,12 @@ def _join_flow(
         return 0
     output.close()
     if error is not None:
+        if isinstance(error, InvalidPassword) and not plan.password and withheld:
+            raise InvalidPassword(
+                f"room {room} on hub {lan_hub} is protected, and the password was not sent to a hub"
+                " found on the local network",
+                f"name the hub to send it: --hub {hub_url}",
+            )
         if isinstance(error, InvalidPassword) and not plan.password:
             raise InvalidPassword(
                 f"room {room} is protected and no password was given",

@@ -18,11 +18,11 @@ WAIT_S = 30.0
 
 
 def cli(
-    *args: str, input: str | None = None, env: dict[str, str] | None = None
+    *args: str, input: str | None = None, env: dict[str, str] | None = None, prefix: list[str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python -m llmroom_cli ARGS` to completion."""
+    """Run `python -m llmroom_cli ARGS` to completion (`prefix`: say, `ip netns exec NS`)."""
     return subprocess.run(
-        [sys.executable, "-m", "llmroom_cli", *args],
+        [*(prefix or []), sys.executable, "-m", "llmroom_cli", *args],
         input=input,
         capture_output=True,
         text=True,
@@ -47,9 +47,15 @@ class Agent:
 
     running: list[Agent] = []
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        stdin: str | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmroom_cli", "join", *args],
+            [*(prefix or []), sys.executable, "-m", "llmroom_cli", "join", *args],
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
