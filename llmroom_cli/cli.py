@@ -913,7 +913,7 @@ def _join_flow(
                 interactive = sys.stdin.isatty() and sys.stderr.isatty() and mode != "json"
                 secret = _password_for_lan_hub(lan_hub, secret, interactive)
                 withheld = secret is None
-            pid = participant_id or stable_participant_id(hub_url, room, ep, _debug)
+            pid = participant_id or stable_participant_id(hub_url, room, ep, lambda m: _err(f"warning: {m}"))
             plan = JoinPlan(hub_url, room, pid, nick, chosen, published, secret, specs, cfg, interval)
             plan_ref.append(plan)
             info = {

@@ -28,35 +28,66 @@ def config_dir() -> Path:
     return Path(base) / "llmroom"
 
 
-def _user_key(debug: Callable[[str], None] | None) -> bytes | None:
-    """The random per-user key, created on first use with mode 0600."""
+KEY_BYTES = 64  # hex characters of the random key
+
+
+def _read_key(path: Path) -> bytes | None:
+    try:
+        key = path.read_bytes().strip()
+    except FileNotFoundError:
+        return None
+    return key if len(key) >= 16 else None
+
+
+def _user_key(warn: Callable[[str], None] | None) -> bytes | None:
+    """The random per-user key, created on first use with mode 0600, atomically: the key is written
+    to a temporary file that is then hard-linked into place, which fails if another process got
+    there first (its key is then read and used). However many agents start at once, one key wins,
+    and no reader ever sees a half-written one. When it cannot be stored, `warn` is told why."""
     path = config_dir() / "key"
     try:
-        key = path.read_bytes()
-        if len(key) >= 16:
+        key = _read_key(path)
+        if key is not None:
             return key
-    except OSError:
-        pass
-    key = secrets.token_hex(32).encode()
-    try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key)
-        os.chmod(path, 0o600)
+        if path.exists():  # too short to be ours: damaged. Replace it (the race is as below).
+            path.unlink(missing_ok=True)
+        fresh = secrets.token_hex(KEY_BYTES // 2).encode()
+        tmp = path.with_name(f".key.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(fresh)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another agent created it first: use theirs
+        finally:
+            tmp.unlink(missing_ok=True)
+        key = _read_key(path)
+        if key is None:
+            raise OSError(f"{path} is not a usable key")
+        return key
     except OSError as exc:
-        if debug:
-            debug(f"cannot keep the participant key in {path}: {exc}; using a random id for this run")
+        if warn:
+            reason = exc.strerror or str(exc)
+            warn(
+                f"cannot keep the participant key in {path} ({reason}): the participant id changes on"
+                " every run, so a restart leaves the old entry until the hub marks it offline; fix the"
+                " directory or pass --id ID"
+            )
         return None
-    return key
 
 
 def stable_participant_id(
-    hub: str, code: str, endpoint: str, debug: Callable[[str], None] | None = None
+    hub: str, code: str, endpoint: str, warn: Callable[[str], None] | None = None
 ) -> str:
     """The same share (hub, room, endpoint) from the same user gets the same id across restarts, so the
-    hub upserts instead of listing a ghost; two shares get two ids."""
-    key = _user_key(debug)
+    hub upserts instead of listing a ghost; two shares get two ids. When the key cannot be stored the
+    id is random, and `warn` is told once."""
+    key = _user_key(warn)
     if key is None:
         return str(uuid.uuid4())
     digest = hmac.new(key, f"{hub}\n{code.upper()}\n{endpoint}".encode(), hashlib.sha256).digest()

@@ -234,3 +234,87 @@ def test_stable_id_falls_back_to_random_when_config_dir_is_unusable(
     one = stable_participant_id("h", "ABC123", "e", debug)
     two = stable_participant_id("h", "ABC123", "e", debug)
     assert one != two and notes
+
+
+_ID_SCRIPT = (
+    "import sys\n"
+    "from llmroom_cli.identity import stable_participant_id\n"
+    "sys.stdin.read()  # the start gate: all of them go at once\n"
+    "print(stable_participant_id('http://h:3000', 'ABC123', 'http://e'))\n"
+)
+
+
+def test_twelve_agents_started_at_once_share_one_key() -> None:
+    import subprocess
+    import sys
+
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ID_SCRIPT],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ),
+        )
+        for _ in range(12)
+    ]
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.close()
+    results = []
+    for p in procs:
+        assert p.stdout is not None and p.stderr is not None
+        results.append((p.stdout.read(), p.stderr.read()))
+        p.wait(timeout=60)
+        p.stdout.close()
+        p.stderr.close()
+    assert all(p.returncode == 0 for p in procs), [err for _, err in results]
+    ids = {out.strip() for out, _ in results}
+    assert len(ids) == 1, ids
+    key = config_dir() / "key"
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    assert [p.name for p in key.parent.iterdir()] == ["key"]  # no temporary file left behind
+    assert stable_participant_id("http://h:3000", "ABC123", "http://e") in ids
+
+
+def test_an_unwritable_config_dir_is_said_once_on_stderr(tmp_path: Path) -> None:
+    from llmroom_cli.server import start_hub
+    from llmroom_cli.standin import StandIn
+    from tests.helpers import Agent
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a dir")
+    env = dict(os.environ, XDG_CONFIG_HOME=str(blocker))
+    with start_hub(port=0) as hub, StandIn() as llm:
+        room = hub.state.create_room("r")["code"]
+        a = Agent(room, "--hub", hub.url, "-e", llm.url, "--json", "--interval", "0.05", env=env)
+        a.wait_event("heartbeat", count=2)
+        a.signal()
+        assert a.finish() == 0
+    assert a.stderr.count("warning: cannot keep the participant key in") == 1, a.stderr
+    assert "--id ID" in a.stderr
+
+
+def test_a_key_created_by_another_agent_meanwhile_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race, made deterministic: another agent creates the key between our look and our write.
+    Ours must not replace theirs (they already use it): we use theirs."""
+    import secrets
+
+    from llmroom_cli import identity
+
+    path = config_dir() / "key"
+    theirs = "f" * 64
+    real = secrets.token_hex
+
+    def token_hex_after_the_other_agent(n: int | None = None) -> str:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(theirs)
+        return real(n)
+
+    monkeypatch.setattr(identity.secrets, "token_hex", token_hex_after_the_other_agent)
+    mine = stable_participant_id("http://h:3000", "ABC123", "http://e")
+    assert path.read_text() == theirs
+    monkeypatch.setattr(identity.secrets, "token_hex", real)
+    assert stable_participant_id("http://h:3000", "ABC123", "http://e") == mine
