@@ -904,7 +904,9 @@ def _join_flow(
     output: JoinOutput | None = None
     try:
         with capture_signals(wake, exit_now, interrupt=lambda: phase["starting"]) as received:
-            http = _http(hub_url, endpoints.probe_url(ep))
+            # Every URL this run may call: an https one among them (say --advertise) gets real
+            # certificate verification.
+            http = _http(hub_url, endpoints.probe_url(ep), *([advertise] if advertise else []))
             chosen, published, hub_url, specs, lan_hub = _prepare_share(
                 http, hub_url, ep, model, no_specs, wait, mode, advertise, force, implicit_hub
             )
@@ -1062,7 +1064,8 @@ def doctor(
 
         hub_url = _hub(hub)
         ep = endpoints.normalize_endpoint(endpoint) if endpoint else None
-        report = build_report(_http(hub_url, "http://127.0.0.1"), hub_url, ep, advertise=advertise)
+        urls = [hub_url, "http://127.0.0.1", *(u for u in (ep, advertise) if u)]
+        report = build_report(_http(*urls), hub_url, ep, advertise=advertise)
         if json_out:
             _print_json(report.data)
         else:

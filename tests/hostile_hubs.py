@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,7 +29,7 @@ HUGE_BYTES = 200 * 1024 * 1024
 
 
 class HostileHub:
-    def __init__(self, trickle_s: float = 1.0) -> None:
+    def __init__(self, trickle_s: float = 1.0, tls: ssl.SSLContext | None = None) -> None:
         self.faults: dict[str, str] = {}
         self.trickle_s = trickle_s
         self.joins: list[dict[str, Any]] = []
@@ -59,6 +60,9 @@ class HostileHub:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if tls is not None:  # https, with the certificate the test chose
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+            self.url = f"https://localhost:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> HostileHub:
