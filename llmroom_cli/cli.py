@@ -152,20 +152,45 @@ def _run(fn: Callable[[], T], debug: bool = False) -> T:
         raise typer.Exit(1) from None
 
 
+# Secret values of this run (the room password), registered as soon as they are known, so that the
+# --debug trace can blank them wherever they would appear.
+_secrets: set[str] = set()
+
+
+def _redact(text: str) -> str:
+    """`text` with known secrets, URL credentials and secret-looking query values blanked."""
+    import re
+
+    from llmroom_cli.options import redact_url
+
+    for secret in sorted(_secrets, key=len, reverse=True):
+        text = text.replace(secret, "[redacted]")
+    text = redact_url(text)
+    return re.sub(
+        r"(?i)([?&](?:password|passwd|pwd|token|key|api_key|apikey|secret|auth)=)[^&\s\"']*",
+        r"\1[redacted]",
+        text,
+    )
+
+
 def _enable_http_trace() -> None:
     """--debug: one stderr line per HTTP request/response; bodies are never logged (they may hold a
-    password), and URLs carry no secrets in this API."""
+    password), and every line goes through `_redact` once formatted (where the values are)."""
     import logging
 
     class _Redact(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            record.msg = str(record.msg).replace("password", "[redacted]")
+            record.msg = _redact(record.getMessage())
+            record.args = None
             return True
 
+    logger = logging.getLogger("httpx")
+    if any(getattr(h, "_llmroom", False) for h in logger.handlers):
+        return
     handler = logging.StreamHandler(sys.stderr)
+    handler._llmroom = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("debug: %(name)s: %(message)s"))
     handler.addFilter(_Redact())
-    logger = logging.getLogger("httpx")
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
 
@@ -404,6 +429,8 @@ def create(
             raise UsageError(f"the room name is {len(name)} characters long: at most 256")
         hub_url = _hub(hub)
         password = _read_password_stdin() if password_stdin else None
+        if password:
+            _secrets.add(password)
         data = _client(hub_url).create_room(name, password)
         if json_out:
             _print_json(data)
@@ -778,6 +805,13 @@ def _emit_json_error(code: int, message: str) -> None:
 
 
 def _resolve_password(password_stdin: bool, password: str | None) -> str | None:
+    secret = _password_from(password_stdin, password)
+    if secret:
+        _secrets.add(secret)
+    return secret
+
+
+def _password_from(password_stdin: bool, password: str | None) -> str | None:
     if password_stdin:
         return _read_password_stdin()
     if password is not None:
@@ -950,6 +984,8 @@ def _join_flow(
                     _err(f"room {room}{where} is protected" if prompts == 1 else "wrong password")
                     phase["starting"] = True  # a Ctrl-C at the prompt just ends the command
                     plan.password = getpass.getpass("Room password: ")
+                    if plan.password:
+                        _secrets.add(plan.password)
                     wake.clear()
                     continue
                 break

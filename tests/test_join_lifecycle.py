@@ -512,6 +512,30 @@ def test_debug_traces_http_but_never_the_password(hub: RunningHub, llm: StandIn)
     assert "s3cr3t-pw" not in a.stderr + "".join(a.raw)
 
 
+def test_debug_trace_redacts_what_it_would_otherwise_print(capsys: pytest.CaptureFixture[str]) -> None:
+    """The filter itself: a line that carries the password, URL credentials or a token is blanked."""
+    import logging
+
+    from llmroom_cli import cli as cli_module
+
+    cli_module._secrets.add("s3cr3t-pw")
+    logger = logging.getLogger("httpx")
+    before = list(logger.handlers)
+    try:
+        cli_module._enable_http_trace()
+        logger.info(
+            "HTTP Request: %s %s", "POST", "http://bob:hunter2@hub:3000/rooms?token=abc123&x=1 (s3cr3t-pw)"
+        )
+    finally:
+        for handler in logger.handlers[len(before) :]:
+            logger.removeHandler(handler)
+        cli_module._secrets.discard("s3cr3t-pw")
+    err = capsys.readouterr().err
+    assert "debug: httpx: HTTP Request: POST http://***@hub:3000/rooms?token=[redacted]&x=1" in err
+    for secret in ("s3cr3t-pw", "hunter2", "abc123"):
+        assert secret not in err
+
+
 def test_json_error_event_is_compact_like_the_others(hub: RunningHub, llm: StandIn, room: str) -> None:
     r = cli("join", room, "--hub", hub.url, "-e", llm.url, "-m", "nope", "--json")
     assert r.returncode == 6

@@ -7,7 +7,9 @@ pair (10.231.X.1 here, 10.231.X.2 there), created and removed by the tests. They
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -374,22 +376,23 @@ def _free_subnet() -> int:
     pytest.skip("no free 10.231.X.0/30 subnet found for the test namespace")
 
 
-@pytest.fixture
-def netns() -> Iterator[Netns]:
+@contextlib.contextmanager
+def _namespace(tag: str) -> Iterator[Netns]:
+    """The namespace and its veth pair; removed in a finaliser whatever happens, including a skip at
+    any step after the namespace exists."""
     if sys.platform != "linux":
         pytest.skip("network namespaces are Linux only")
     if shutil.which("ip") is None:
         pytest.skip("the `ip` command (iproute2) is not installed")
-    tag = secrets.token_hex(3)
     name, veth_host, veth_ns = f"llmroom-t{tag}", f"lrt{tag}h", f"lrt{tag}n"
     made = _ip("netns", "add", name)
     if made.returncode != 0:
         pytest.skip(
             f"cannot create a network namespace (needs root and netns support): {made.stderr.strip()}"
         )
-    x = _free_subnet()
-    ns = Netns(name, f"10.231.{x}.1", f"10.231.{x}.2")
     try:
+        x = _free_subnet()
+        ns = Netns(name, f"10.231.{x}.1", f"10.231.{x}.2")
         steps = [
             ["link", "add", veth_host, "type", "veth", "peer", "name", veth_ns],
             ["link", "set", veth_ns, "netns", name],
@@ -408,6 +411,27 @@ def netns() -> Iterator[Netns]:
         _ip("link", "del", veth_host)  # takes its peer in the namespace with it
         _ip("netns", "del", name)
         assert name not in _ip("netns", "list").stdout
+        assert veth_host not in _ip("link").stdout
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    with _namespace(secrets.token_hex(3)) as ns:
+        yield ns
+
+
+def test_a_skip_after_the_namespace_exists_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to create a namespace at all")
+    tag = secrets.token_hex(3)
+
+    def no_subnet() -> int:
+        pytest.skip("no free subnet (simulated)")
+
+    monkeypatch.setattr(sys.modules[__name__], "_free_subnet", no_subnet)
+    with pytest.raises(pytest.skip.Exception), _namespace(tag):
+        raise AssertionError("not reached")
+    assert f"llmroom-t{tag}" not in _ip("netns", "list").stdout
 
 
 HUB_IN_NS = """

@@ -318,7 +318,21 @@ def test_windows_10_and_registry_only_gpus(tmp_path: Path) -> None:
     assert data["os"] == "Windows 10"
     assert data["gpu"] == "NVIDIA GeForce RTX 4090 + AMD Radeon RX 7900 XTX"
     assert data["ram"] > 0  # psutil's total, rounded up, when the firmware figure is missing
-    assert DISPLAY_CLASS  # the same key the fake registry is built on
+    # The GPUs come from the Display adapters class key (Windows' own GUID for it), and only from
+    # there: the same entries under another device class (network adapters) are not GPUs.
+    assert DISPLAY_CLASS.endswith(r"\Class\{4d36e968-e325-11ce-bfc1-08002be10318}")
+    net_class = DISPLAY_CLASS.replace("4d36e968", "4d36e972")
+    moved = windows_registry("19045")
+    moved.keys = {k.replace(DISPLAY_CLASS, net_class): v for k, v in moved.keys.items()}
+    elsewhere = specs_of(
+        tmp_path,
+        system="Windows",
+        release="10",
+        registry=moved,
+        nvml=fakes_nvml.library_missing(),
+        win_memory_kb=lambda: None,
+    ).data
+    assert "RTX 4090" not in str(elsewhere.get("gpu")) and "Radeon" not in str(elsewhere.get("gpu"))
 
 
 def test_this_machine() -> None:
