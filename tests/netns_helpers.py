@@ -19,7 +19,7 @@ from collections.abc import Iterator
 STANDIN = """
 import sys
 from llmroom_cli.standin import StandIn
-with StandIn() as s:
+with StandIn(port=int(sys.argv[1])) as s:
     print(s.url, flush=True)
     sys.stdin.read()  # until the test closes our stdin
 """
@@ -54,10 +54,10 @@ def own_network() -> Iterator[list[str] | None]:
 
 
 @contextlib.contextmanager
-def standin_in(prefix: list[str] | None) -> Iterator[str]:
+def standin_in(prefix: list[str] | None, port: int = 0) -> Iterator[str]:
     """A stand-in LLM server in the namespace of `prefix` (this one when None); yields its URL."""
     proc = subprocess.Popen(
-        [*(prefix or []), sys.executable, "-c", STANDIN],
+        [*(prefix or []), sys.executable, "-c", STANDIN, str(port)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -36,14 +36,16 @@ def plain(text: str) -> str:
 class PtyProcess:
     """`python -m llmroom_cli ARGS` on a pty of `rows` x `cols`."""
 
-    def __init__(self, *args: str, env: dict[str, str], rows: int = 40, cols: int = 120) -> None:
+    def __init__(
+        self, *args: str, env: dict[str, str], rows: int = 40, cols: int = 120, prefix: list[str] | None = None
+    ) -> None:
         self.master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         env = dict(env)
         env.setdefault("TERM", "xterm-256color")
         env.pop("COLUMNS", None)  # the window size decides
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _WRAPPER, "-m", "llmroom_cli", *args],
+            [*(prefix or []), sys.executable, "-c", _WRAPPER, "-m", "llmroom_cli", *args],
             stdin=slave,
             stdout=slave,
             stderr=slave,

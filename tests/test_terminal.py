@@ -97,3 +97,104 @@ def test_nohup_keeps_a_hangup_ignored(hub: RunningHub, llm: StandIn, room: str, 
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_numbered_model_pick_on_a_terminal(
+    hub: RunningHub, room: str, ptys: list[PtyProcess], clean_env: dict[str, str]
+) -> None:
+    from tests.hostile_hubs import HostileHub
+
+    with HostileHub() as several:
+        several.models = ["alpha-chat", "beta-chat", "gamma-chat"]
+        p = PtyProcess("join", room, "--hub", hub.url, "-e", several.url, "--no-specs", env=clean_env)
+        ptys.append(p)
+        p.expect(r"Share which one\? \[1-3\]")
+        screen = plain(p.text)
+        assert "1. alpha-chat" in screen and "2. beta-chat" in screen and "3. gamma-chat" in screen
+        p.send("7\r")
+        p.expect(r"please type a number from 1 to 3")
+        p.send("2\r")
+        p.expect(r"Ctrl-C to leave")
+        wait_for(lambda: hub.state.participants(room), "the join")
+        assert hub.state.participants(room)[0]["model"] == "beta-chat"
+        p.proc.send_signal(signal.SIGINT)
+        assert p.wait() == 0
+
+
+def test_password_prompt_and_its_three_tries(
+    hub: RunningHub, llm: StandIn, ptys: list[PtyProcess], clean_env: dict[str, str]
+) -> None:
+    room = hub.state.create_room("locked", password="hunter22")["code"]
+    p = _join_on_pty(ptys, hub, llm, room, env=clean_env)
+    p.expect(f"room {room} is protected")
+    for n in range(3):
+        p.expect(r"Room password: " + r"(.|\n)*Room password: " * n)
+        p.send("wrong\r")
+    assert p.wait() == 4
+    screen = plain(p.text)
+    assert screen.count("wrong password") == 2 and "invalid password" in screen
+    assert screen.count("wrong") == 2  # what was typed is never echoed
+    assert hub.state.participants(room) == []
+    # The right one on the second try joins.
+    q = _join_on_pty(ptys, hub, llm, room, env=clean_env)
+    q.expect(r"Room password: ")
+    q.send("nope\r")
+    q.expect(r"wrong password(.|\n)*Room password: ")
+    q.send("hunter22\r")
+    q.expect(r"Ctrl-C to leave")
+    wait_for(lambda: hub.state.participants(room), "the join")
+    q.proc.send_signal(signal.SIGINT)
+    assert q.wait() == 0
+    assert "hunter22" not in q.text
+
+
+def test_create_on_a_terminal_says_how_to_join(
+    hub: RunningHub, ptys: list[PtyProcess], clean_env: dict[str, str]
+) -> None:
+    p = PtyProcess("create", "Hack night", "--hub", hub.url, env=clean_env)
+    ptys.append(p)
+    assert p.wait() == 0
+    screen = plain(p.text)
+    import re
+
+    found = re.search(r"created room (\S{6}) ", screen)
+    assert found, screen
+    code = found.group(1)
+    assert hub.state.participants(code) == []  # the hub has it (KeyError otherwise)
+    assert f"created room {code} (Hack night) on {hub.url}" in screen
+    assert f"join it with: llmroom join {code} --hub {hub.url}" in screen
+
+
+@pytest.mark.parametrize("no_color", [True, False])
+def test_no_color_on_a_terminal(
+    hub: RunningHub, llm: StandIn, room: str, ptys: list[PtyProcess], clean_env: dict[str, str], no_color: bool
+) -> None:
+    import re
+
+    env = dict(clean_env)
+    env.pop("NO_COLOR", None)
+    if no_color:
+        env["NO_COLOR"] = "1"
+    p = _join_on_pty(ptys, hub, llm, room, env=env)
+    p.expect(r"beats\s+2")
+    p.proc.send_signal(signal.SIGINT)
+    assert p.wait() == 0
+    colours = re.findall(r"\x1b\[[0-9;]*3[0-7](;[0-9]+)*m", p.text)
+    assert bool(colours) is not no_color  # "online" is green unless NO_COLOR is set
+
+
+def test_list_watch_on_a_terminal_follows_the_room(
+    hub: RunningHub, llm: StandIn, room: str, ptys: list[PtyProcess], clean_env: dict[str, str]
+) -> None:
+    w = PtyProcess("list", room, "--hub", hub.url, "--watch", env=clean_env)
+    ptys.append(w)
+    w.expect(rf"room {room} · .* · Ctrl-C to stop")
+    j = _join_on_pty(ptys, hub, llm, room, "--nickname", "carol", env=clean_env)
+    w.expect(r"carol\s+llmroom-demo:latest\s+online")
+    j.proc.send_signal(signal.SIGINT)
+    assert j.wait() == 0
+    w.raw = b""
+    w.expect(r"NICKNAME")  # redrawn without carol
+    w.expect(r"Ctrl-C to stop")
+    w.proc.send_signal(signal.SIGINT)
+    assert w.wait() == 0
