@@ -37,7 +37,12 @@ class PtyProcess:
     """`python -m llmroom_cli ARGS` on a pty of `rows` x `cols`."""
 
     def __init__(
-        self, *args: str, env: dict[str, str], rows: int = 40, cols: int = 120, prefix: list[str] | None = None
+        self,
+        *args: str,
+        env: dict[str, str],
+        rows: int = 40,
+        cols: int = 120,
+        prefix: list[str] | None = None,
     ) -> None:
         self.master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))

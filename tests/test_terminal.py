@@ -167,7 +167,12 @@ def test_create_on_a_terminal_says_how_to_join(
 
 @pytest.mark.parametrize("no_color", [True, False])
 def test_no_color_on_a_terminal(
-    hub: RunningHub, llm: StandIn, room: str, ptys: list[PtyProcess], clean_env: dict[str, str], no_color: bool
+    hub: RunningHub,
+    llm: StandIn,
+    room: str,
+    ptys: list[PtyProcess],
+    clean_env: dict[str, str],
+    no_color: bool,
 ) -> None:
     import re
 
