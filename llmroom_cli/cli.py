@@ -535,6 +535,8 @@ def _watch(client: "HubClient", room: str | None, json_out: bool) -> None:
             sys.stdout.flush()
         elif watcher is not None:
             watcher.show(rows, dim)
+            if watcher.broken:  # the terminal is gone (closed window): nothing left to watch for
+                stop.set()
 
     from llmroom_cli.session import capture_signals
 
@@ -800,8 +802,10 @@ def _emit_json_error(code: int, message: str) -> None:
     try:
         sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
         sys.stdout.flush()
-    except BrokenPipeError:
-        pass
+    except (OSError, ValueError):  # the reader or the terminal is gone: the exit code still says it
+        from llmroom_cli.render import silence_fd
+
+        silence_fd(1)
 
 
 def _resolve_password(password_stdin: bool, password: str | None) -> str | None:

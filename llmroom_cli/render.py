@@ -228,6 +228,8 @@ class Watcher:
         self.columns = columns
         self.title = title
         self.live: Live | None = None
+        # Set when the terminal or the reader went away (EIO, EPIPE): the caller stops watching.
+        self.broken = False
         if sys.stdout.isatty():
             from rich.live import Live
 
@@ -235,6 +237,19 @@ class Watcher:
             self.live.start()
 
     def show(self, rows: list[list[str]], dim: list[bool], note: str = "") -> None:
+        if self.broken:
+            return
+        try:
+            self._show(rows, dim, note)
+        except OSError:
+            self._gone()
+
+    def _gone(self) -> None:
+        self.broken = True
+        silence_fd(1)
+        silence_fd(2)
+
+    def _show(self, rows: list[list[str]], dim: list[bool], note: str) -> None:
         if self.live is not None:
             stamp = time.strftime("%H:%M:%S")
             from rich.console import Group
@@ -252,7 +267,10 @@ class Watcher:
 
     def close(self) -> None:
         if self.live is not None:
-            self.live.stop()
+            try:
+                self.live.stop()
+            except OSError:
+                self._gone()
 
 
 def print_rows_table(rows: Sequence[tuple[str, str, str]], columns: Sequence[str]) -> None:

@@ -36,6 +36,8 @@ class HostileHub:
         self.beats = 0
         self.leaves: list[str] = []
         self.models: list[str] = ["model-a"]
+        # When each request arrived, per route (time.perf_counter, for benchmarks in this process).
+        self.arrivals: dict[str, list[float]] = {}
         self.sent_bytes = 0  # body bytes of "huge" answers that reached the socket
         self.participants: dict[str, dict[str, Any]] = {}
         self.stopping = threading.Event()
@@ -57,7 +59,11 @@ class HostileHub:
             def do_DELETE(self) -> None:
                 hub._handle(self, "DELETE")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a client that hung up on a misbehaving answer: expected, not worth a traceback
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         if tls is not None:  # https, with the certificate the test chose
@@ -112,6 +118,8 @@ class HostileHub:
                 route, status = "participants", 200
                 with self.lock:
                     answer = {"participants": list(self.participants.values())}
+        with self.lock:
+            self.arrivals.setdefault(route, []).append(time.perf_counter())
         fault = self.faults.get(route)
         if fault is None:
             self._send(h, status, json.dumps(answer).encode())

@@ -203,3 +203,13 @@ def test_list_watch_on_a_terminal_follows_the_room(
     w.expect(r"Ctrl-C to stop")
     w.proc.send_signal(signal.SIGINT)
     assert w.wait() == 0
+
+
+def test_closing_the_terminal_of_list_watch_exits_zero(
+    hub: RunningHub, room: str, ptys: list[PtyProcess], clean_env: dict[str, str]
+) -> None:
+    w = PtyProcess("list", room, "--hub", hub.url, "--watch", env=clean_env)
+    ptys.append(w)
+    w.expect(r"Ctrl-C to stop")
+    w.hang_up()
+    assert w.wait() == 0
