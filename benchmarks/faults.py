@@ -133,16 +133,21 @@ def memory(llm: StandIn, home: str, fault: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="reconnecting,leave,memory")
     args = parser.parse_args()
     runs = 2 if args.quick else 5
+    only = set(args.only.split(","))
     with StandIn() as llm, tempfile.TemporaryDirectory() as home:
         print(f"# faults: {runs} runs each, python {sys.version.split()[0]}", flush=True)
-        for interval in (1.0, 2.0):
-            to_reconnecting(llm, home, interval, runs)
-        leave_time(llm, home, leave_trickles=True, runs=runs)
-        leave_time(llm, home, leave_trickles=False, runs=runs)
-        memory(llm, home, "huge")
-        memory(llm, home, "gzip-bomb")
+        if "reconnecting" in only:
+            for interval in (1.0, 2.0):
+                to_reconnecting(llm, home, interval, runs)
+        if "leave" in only:
+            leave_time(llm, home, leave_trickles=True, runs=runs)
+            leave_time(llm, home, leave_trickles=False, runs=runs)
+        if "memory" in only:
+            memory(llm, home, "huge")
+            memory(llm, home, "gzip-bomb")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ It records what arrived (`joins`, `beats`, `leaves`) so tests can assert that a 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import ssl
@@ -26,6 +27,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 HUGE_BYTES = 200 * 1024 * 1024
+
+
+@functools.cache
+def gzip_bomb() -> bytes:
+    """About 200 KiB of gzip that inflates to 200 MiB of spaces (made once: it takes a second)."""
+    return gzip.compress(b" " * HUGE_BYTES, 9)
 
 
 class HostileHub:
@@ -72,6 +79,7 @@ class HostileHub:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> HostileHub:
+        gzip_bomb()  # ready before any test sets the fault, so it is answered at once
         self.thread.start()
         return self
 
@@ -151,7 +159,7 @@ class HostileHub:
             elif fault == "gzip-garbage":
                 self._send(h, 200, b"\x1f\x8b this is not gzip at all", Content_Encoding="gzip")
             elif fault == "gzip-bomb":
-                self._send(h, 200, gzip.compress(b" " * HUGE_BYTES, 9), Content_Encoding="gzip")
+                self._send(h, 200, gzip_bomb(), Content_Encoding="gzip")
             elif fault == "deep-json":
                 self._send(h, 200, b"[" * 10_000 + b"]" * 10_000)
             elif fault == "huge":
