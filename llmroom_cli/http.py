@@ -9,6 +9,7 @@ read undecoded and decompressed here with a bound, so a small gzip bomb cannot g
 
 from __future__ import annotations
 
+import heapq
 import socket
 import ssl
 import threading
@@ -92,6 +93,57 @@ class _Decoder:
         return out
 
 
+class _Watchdog:
+    """One daemon thread for every exchange's deadline (a thread per request would cost more than
+    the request): `arm(when, action)` returns a handle; `disarm(handle)` before `when` cancels it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Any]] = []
+        self._live: set[int] = set()
+        self._next = 0
+        self._thread: threading.Thread | None = None
+
+    def arm(self, when: float, action: Any) -> int:
+        with self._cond:
+            self._next += 1
+            handle = self._next
+            heapq.heappush(self._heap, (when, handle, action))
+            self._live.add(handle)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="llmroom-deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return handle
+
+    def disarm(self, handle: int) -> None:
+        with self._cond:
+            self._live.discard(handle)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0][1] not in self._live:
+                    heapq.heappop(self._heap)  # disarmed: drop it
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                when, handle, action = self._heap[0]
+                left = when - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                heapq.heappop(self._heap)
+                self._live.discard(handle)
+            try:
+                action()
+            except Exception:  # a deadline's action must never end the watchdog
+                pass
+
+
+_watchdog = _Watchdog()
+
+
 def exchange(
     http: httpx.Client,
     method: str,
@@ -126,12 +178,10 @@ def exchange(
             expired.set()
         _shut(streams)
 
-    watchdog = threading.Timer(total_s, expire)
-    watchdog.daemon = True
     per_op = min(total_s, http.timeout.read or total_s)
     timeout = httpx.Timeout(per_op, connect=min(total_s, http.timeout.connect or total_s))
     headers = {"Connection": "close", "Accept-Encoding": "gzip, deflate"}
-    watchdog.start()
+    armed = _watchdog.arm(deadline, expire)
     try:
         request = http.build_request(
             method, url, json=json, headers=headers, timeout=timeout, extensions={"trace": trace}
@@ -163,7 +213,7 @@ def exchange(
             raise ExchangeTimeout(f"no complete answer within {total_s:g} s") from exc
         raise
     finally:
-        watchdog.cancel()
+        _watchdog.disarm(armed)
 
 
 def _shut(streams: list[Any]) -> None:
