@@ -591,7 +591,9 @@ class RelayCore:
                 headers=dict(self._credentials),
                 timeout=httpx.Timeout(timeout_s),
             ) as response:
-                return response.status_code < 500 and response.status_code not in (401, 403)
+                # Any answer but a 5xx (llama.cpp's 503 while loading) is a live server; a 401
+                # is a wrong key, which pausing would not fix.
+                return response.status_code < 500
         except httpx.HTTPError:
             return False
 
