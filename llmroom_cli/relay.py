@@ -205,13 +205,9 @@ class _Meter:
             return
         if not self._counting:
             return
-        self._line += chunk
-        while True:
-            end = self._line.find(b"\n")
-            if end < 0:
-                break
-            line = bytes(self._line[:end]).strip()
-            del self._line[: end + 1]
+        lines = (bytes(self._line) + chunk if self._line else chunk).split(b"\n")
+        self._line = bytearray(lines.pop())  # an unfinished line waits for the next chunk
+        for line in lines:
             if line.startswith(b"data:"):
                 self._sse_data(line[5:].strip(), now)
         if len(self._line) > _SSE_LINE_BYTES:
@@ -220,16 +216,21 @@ class _Meter:
     def _sse_data(self, data: bytes, now: float) -> None:
         if not data or data == b"[DONE]":
             return
-        try:
-            event = json.loads(data)
-        except ValueError:
-            return
-        if not isinstance(event, dict):
-            return
-        tokens = _usage_tokens(event.get("usage")) or _usage_tokens(_dict(event.get("response")).get("usage"))
-        if tokens is not None:
-            self.usage_tokens = tokens
-        if _has_content(event):
+        # Parsing every chunk's JSON costs more than the rest of the relay's work on it; only a chunk
+        # that mentions usage is parsed, the others are tested for generated text with one regex.
+        if b'"usage"' in data:
+            try:
+                event = json.loads(data)
+            except ValueError:
+                return
+            event = _dict(event)
+            tokens = _usage_tokens(event.get("usage")) or _usage_tokens(_dict(event.get("response")).get("usage"))
+            if tokens is not None:
+                self.usage_tokens = tokens
+            content = _has_content(event)
+        else:
+            content = _CONTENT_RE.search(data) is not None
+        if content:
             self.deltas += 1
             if self.first_content is None:
                 self.first_content = now
@@ -245,6 +246,11 @@ class _Meter:
         if self.usage_tokens is not None:
             return self.usage_tokens
         return self.deltas if self.stream and self.deltas else None
+
+
+# A non-empty string for a chat delta's content / reasoning_content, a completion's text or a
+# Responses text delta, or a tool-call list: a chunk that carries generated output.
+_CONTENT_RE = re.compile(rb'"(?:content|reasoning_content|text|delta)"\s*:\s*"(?!")|"tool_calls"\s*:\s*\[\s*\{')
 
 
 def _dict(value: Any) -> dict[str, Any]:
