@@ -224,7 +224,9 @@ class _Meter:
             except ValueError:
                 return
             event = _dict(event)
-            tokens = _usage_tokens(event.get("usage")) or _usage_tokens(_dict(event.get("response")).get("usage"))
+            tokens = _usage_tokens(event.get("usage")) or _usage_tokens(
+                _dict(event.get("response")).get("usage")
+            )
             if tokens is not None:
                 self.usage_tokens = tokens
             content = _has_content(event)
@@ -250,7 +252,9 @@ class _Meter:
 
 # A non-empty string for a chat delta's content / reasoning_content, a completion's text or a
 # Responses text delta, or a tool-call list: a chunk that carries generated output.
-_CONTENT_RE = re.compile(rb'"(?:content|reasoning_content|text|delta)"\s*:\s*"(?!")|"tool_calls"\s*:\s*\[\s*\{')
+_CONTENT_RE = re.compile(
+    rb'"(?:content|reasoning_content|text|delta)"\s*:\s*"(?!")|"tool_calls"\s*:\s*\[\s*\{'
+)
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -282,6 +286,39 @@ def _has_content(event: dict[str, Any]) -> bool:
         if choice.get("text"):
             return True
     return False
+
+
+# The most a burst of already-arrived chunks is joined into (then sent at once): the reads are 64 KiB.
+COALESCE_BYTES = 64 << 10
+
+
+def _more_waiting(response: httpx.Response) -> Callable[[], bool]:
+    """A check that the server's next bytes are already in this machine's socket buffer.
+
+    More than a chunk's closing CRLF must be there (MSG_PEEK of 3 bytes): reading on after a lone
+    CRLF would wait for the server's next chunk. The socket comes from httpx's documented
+    `network_stream` response extension; without one, nothing is ever joined.
+    """
+    import select
+    import socket
+
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if not isinstance(sock, socket.socket) or not hasattr(select, "poll"):
+        return lambda: False
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+
+    def more() -> bool:
+        # poll(0) first: a socket with a timeout would make recv() itself wait for data.
+        if not poller.poll(0):
+            return False
+        try:
+            return len(sock.recv(3, socket.MSG_PEEK)) >= 3
+        except OSError:  # the socket is gone: send what we have
+            return False
+
+    return more
 
 
 class Upstream:
@@ -334,14 +371,27 @@ class Upstream:
 
         limits = self._core.limits
         deadline = self._started + limits.total_s
+        more_waiting = _more_waiting(self._response)
+        pending: list[bytes] = []
+        size = 0
         try:
             for chunk in self._response.iter_raw():
                 now = self._core.clock()
                 if chunk:
                     self._meter.feed(chunk, now)
-                    yield chunk
+                    pending.append(chunk)
+                    size += len(chunk)
+                    # Bytes the server has already sent are read before this chunk goes out, so a
+                    # burst leaves as one write instead of one per SSE event; a chunk never waits
+                    # for bytes that have not arrived yet.
+                    if size < COALESCE_BYTES and more_waiting():
+                        continue
+                    yield pending[0] if len(pending) == 1 else b"".join(pending)
+                    pending, size = [], 0
                 if now > deadline:
                     raise StreamBroken(f"the answer took longer than {limits.total_s:g} s")
+            if pending:
+                yield b"".join(pending)
             self._complete = True
         except httpx.TimeoutException:
             self._error = f"the server sent nothing for {limits.idle_s:g} s in the middle of an answer"

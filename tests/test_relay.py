@@ -497,3 +497,66 @@ def test_parse_headers_rejects_a_key_with_a_line_break() -> None:
     with pytest.raises(UsageError) as info:
         parse_headers([], [], "sk-secret\r\nX-Evil: 1")
     assert "secret" not in str(info.value)
+
+
+# -- joining a burst that has already arrived --------------------------------------------------------
+
+
+class _Stream:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def get_extra_info(self, name: str) -> Any:
+        return self.sock if name == "socket" else None
+
+
+def test_more_waiting_sees_only_bytes_that_have_arrived_and_ignores_a_lone_crlf() -> None:
+    from llmroom_cli.relay import _more_waiting
+
+    ours, server = socket.socketpair()
+    with ours, server:
+        ours.settimeout(WAIT_S)  # as httpx's sockets have: the check must still never wait
+        response = httpx.Response(200, extensions={"network_stream": _Stream(ours)})
+        more = _more_waiting(response)
+        assert more() is False
+        server.sendall(b"\r\n")  # the end of the chunk just read: the next one is not here yet
+        wait_for(lambda: ours.recv(2, socket.MSG_PEEK) == b"\r\n", "the CRLF to arrive")
+        assert more() is False
+        server.sendall(b"1f\r\ndata: ...")
+        assert wait_for(more, "the next chunk to be seen")
+        assert ours.recv(100) == b"\r\n1f\r\ndata: ..."  # peeked, not consumed
+    assert _more_waiting(httpx.Response(200))() is False  # no socket (MockTransport): never joins
+
+
+def test_a_long_fast_stream_arrives_whole_and_in_order(http: httpx.Client) -> None:
+    events = [_chunk(f" w{i}") for i in range(3000)]
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for event in [*events, b"data: [DONE]\n\n"]:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.write(b"0\r\n\r\n")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        got: list[dict[str, Any]] = []
+        core = RelayCore(f"http://127.0.0.1:{server.server_address[1]}", http, on_request=got.append)
+        status, data = read_all(core, "POST", "/v1/chat/completions", body(stream=True))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 200
+    assert data == b"".join(events) + b"data: [DONE]\n\n"
+    assert got[0]["tokens"] == 3000  # every delta counted, joined or not
