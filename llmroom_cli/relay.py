@@ -69,7 +69,7 @@ ROUTES: tuple[tuple[re.Pattern[str], frozenset[str], str], ...] = (
 # RFC 9110 7.6.1 hop-by-hop headers, plus what must not cross the relay in either direction: the
 # room's credentials and cookies (the local server's are ours to add), Host and Content-Length (set
 # for the new connection), Accept-Encoding (loopback needs no compression, and usage is read from
-# the plain body).
+# the plain body: `identity` is asked for, else httpx would offer gzip).
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -84,7 +84,17 @@ _HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-_REQUEST_DROP = _HOP_BY_HOP | {"authorization", "cookie", "host", "content-length", "accept-encoding"}
+_REQUEST_DROP = _HOP_BY_HOP | {
+    "authorization",
+    "cookie",
+    "host",
+    "content-length",
+    "accept-encoding",
+    # A browser's Origin reaching Ollama is refused (403) unless listed in OLLAMA_ORIGINS; the
+    # relay is the server's client here, not the browser.
+    "origin",
+    "referer",
+}
 _RESPONSE_DROP = _HOP_BY_HOP | {"set-cookie", "date", "server"}
 
 # How much of a non-streamed answer is kept aside (a copy: forwarding is not held up) to read its
@@ -173,6 +183,7 @@ def forward_headers(
         if low in _REQUEST_DROP or low in named_in_connection or low in override:
             continue
         out[name] = value
+    out["Accept-Encoding"] = "identity"
     out.update(credentials)
     return out
 
@@ -550,8 +561,8 @@ class RelayCore:
             error = (502, f"the local LLM server broke the connection ({type(exc).__name__})", "bad_gateway")
         if error is not None:
             status, message, kind = error
-            if kind == "server_down" and self.on_server_down is not None:
-                self.on_server_down()
+            if kind == "server_down":
+                self._call(self.on_server_down)
             body_out = _json_error(status, message, kind)
             return Upstream(
                 self,
@@ -634,7 +645,17 @@ class RelayCore:
         }
         if error is not None:
             event["error"] = error
-        self.on_request(event)
+        self._call(self.on_request, event)
+
+    def _call(self, callback: Callable[..., None] | None, *args: Any) -> None:
+        """Run a callback; its failure must not cut a request, so it becomes `last_error`."""
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception as exc:  # noqa: BLE001
+            with self._lock:
+                self._traffic.last_error = f"a relay callback failed: {type(exc).__name__}: {exc}"
 
     def ping(self, timeout_s: float = 1.0) -> bool:
         """A cheap check that the local server answers (GET /v1/models with our credentials); not counted."""
@@ -695,9 +716,33 @@ class _Server(ThreadingHTTPServer):
     # Several agents, or one restarted at once, must never share a port by accident.
     allow_reuse_address = False
     relay: ShareRelay
+    conns: set[Any]
+    conns_lock: threading.Lock
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Silent: a hub that hangs up mid-answer is normal (the core counts it), never a traceback."""
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.conns_lock:
+            self.conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.conns_lock:
+            self.conns.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Hang up every hub connection (idle keep-alive ones would otherwise serve on)."""
+        import socket
+
+        with self.conns_lock:
+            conns = list(self.conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -810,6 +855,8 @@ class ShareRelay:
 
         server = Server((self.bind_host, self.port), _Handler)
         server.relay = self
+        server.conns = set()
+        server.conns_lock = threading.Lock()
         self._server = server
         self.port = server.server_address[1]
         self._thread = threading.Thread(
@@ -819,11 +866,13 @@ class ShareRelay:
         return self.url
 
     def stop(self) -> None:
-        """Stop listening and close the socket; requests in flight are the core's to drain first."""
+        """Stop listening and hang up on the hub: drain the core first (`stop_accepting`, `drain`),
+        as a request still in flight is cut here."""
         if self._server is None:
             return
         self._server.shutdown()
         self._server.server_close()
+        self._server.close_connections()
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._server = None

@@ -242,6 +242,7 @@ def test_credentials_replace_the_rooms_and_hop_by_hop_headers_are_dropped(
         ("X-Private", "hop"),
         ("Keep-Alive", "timeout=5"),
         ("Accept-Encoding", "gzip"),
+        ("Origin", "http://evil.example"),
         ("Content-Type", "application/json"),
         ("X-Request-Id", "r-1"),
         ("x-api-org", "theirs"),
@@ -254,13 +255,23 @@ def test_credentials_replace_the_rooms_and_hop_by_hop_headers_are_dropped(
     assert sent["x-api-org"] == "mine"
     assert sent["x-request-id"] == "r-1" and sent["content-type"] == "application/json"
     assert "cookie" not in sent and "x-private" not in sent and "keep-alive" not in sent
-    assert sent.get("accept-encoding", "identity") != "gzip"
+    assert "origin" not in sent
+    assert sent["accept-encoding"] == "identity"
     assert "local-key" not in repr(core)
 
 
 def test_forward_headers_drops_what_connection_names() -> None:
     out = forward_headers({"Connection": "X-A", "X-A": "1", "X-B": "2"}, {})
-    assert out == {"X-B": "2"}
+    assert out == {"X-B": "2", "Accept-Encoding": "identity"}
+
+
+def test_a_failing_callback_never_cuts_the_request(fake: FakeOpenAI, http: httpx.Client) -> None:
+    def broken(event: dict[str, Any]) -> None:
+        raise RuntimeError("panel bug")
+
+    core = RelayCore(fake.url, http, on_request=broken)
+    assert read_all(core, "POST", "/v1/chat/completions", body())[0] == 200
+    assert core.traffic.served == 1 and "panel bug" in (core.traffic.last_error or "")
 
 
 def test_api_key_server_401_without_and_200_with_the_relays_key(http: httpx.Client) -> None:
@@ -453,10 +464,19 @@ def test_share_relay_cuts_the_hub_connection_when_the_server_breaks_mid_stream(
     wait_for(lambda: core.traffic.failed == 1, "the failure counted")
 
 
-def test_share_relay_stop_frees_the_port(fake: FakeOpenAI, http: httpx.Client) -> None:
+def test_share_relay_stop_frees_the_port_and_hangs_up_keep_alive_connections(
+    fake: FakeOpenAI, http: httpx.Client
+) -> None:
     relay = ShareRelay(RelayCore(fake.url, http), "127.0.0.1", ["127.0.0.1"])
     relay.start()
-    relay.stop()
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=WAIT_S) as kept:
+        kept.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = b""
+        while not reply.endswith(b'"/v1/models"}'):  # the fake's answer ends with its path
+            reply += kept.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 200")
+        relay.stop()
+        assert kept.recv(65536) == b""  # the idle keep-alive connection is closed, not left serving
     relay.stop()  # idempotent
     with pytest.raises(httpx.ConnectError):
         httpx.get(relay.url + "/v1/models", trust_env=False)
