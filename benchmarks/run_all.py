@@ -29,6 +29,7 @@ SCRIPTS: dict[str, tuple[list[str], list[str], float]] = {
     "hub_big": ([], ["--seconds", "1", "--rounds", "1"], 180),
     "hub_load": ([], ["--seconds", "1"], 180),
     "typer_compare": ([], ["--runs", "5"], 240),
+    "relay_overhead": (["--llama"], ["--quick"], 300),
 }
 
 
