@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING, Any
 from llmroom_cli.errors import EndpointError
 
 if TYPE_CHECKING:
+    import socket
+
     import httpx
 
 # Four requests at once: llama-server's default number of parallel slots (-np auto = 4) and the most
@@ -303,6 +305,15 @@ def _has_content(event: dict[str, Any]) -> bool:
 COALESCE_BYTES = 64 << 10
 
 
+def _upstream_socket(response: httpx.Response) -> socket.socket | None:
+    """The socket to the server, from httpx's documented `network_stream` response extension."""
+    import socket
+
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    return sock if isinstance(sock, socket.socket) else None
+
+
 def _more_waiting(response: httpx.Response) -> Callable[[], bool]:
     """A check that the server's next bytes are already in this machine's socket buffer.
 
@@ -313,9 +324,8 @@ def _more_waiting(response: httpx.Response) -> Callable[[], bool]:
     import select
     import socket
 
-    stream = response.extensions.get("network_stream")
-    sock = stream.get_extra_info("socket") if stream is not None else None
-    if not isinstance(sock, socket.socket) or not hasattr(select, "poll"):
+    sock = _upstream_socket(response)
+    if sock is None or not hasattr(select, "poll"):
         return lambda: False
     poller = select.poll()
     poller.register(sock, select.POLLIN)
@@ -368,6 +378,7 @@ class Upstream:
         self._error = error
         self._complete = response is None
         self._closed = False
+        self._aborted = False
         self._meter = _Meter(self.stream, started)
 
     def __iter__(self) -> Iterator[bytes]:
@@ -403,16 +414,36 @@ class Upstream:
                     raise StreamBroken(f"the answer took longer than {limits.total_s:g} s")
             if pending:
                 yield b"".join(pending)
+            if self._aborted:  # the shutdown can read as a clean end of a close-delimited body
+                self._error = "the request was cut by the relay (its room connection is gone)"
+                raise StreamBroken(self._error)
             self._complete = True
         except httpx.TimeoutException:
             self._error = f"the server sent nothing for {limits.idle_s:g} s in the middle of an answer"
             raise StreamBroken(self._error) from None
         except httpx.HTTPError as exc:
             self._error = f"the server broke off the answer ({type(exc).__name__})"
+            if self._aborted:
+                self._error = "the request was cut by the relay (its room connection is gone)"
             raise StreamBroken(self._error) from None
         except StreamBroken as exc:
             self._error = exc.message
             raise
+
+    def abort(self) -> None:
+        """Cut the request from another thread (the tunnel it answers is gone): the server's
+        connection is shut down, so the server stops generating and the iterating thread gets
+        StreamBroken at once; that thread still calls `close()`. Idempotent."""
+        sock = _upstream_socket(self._response) if self._response is not None else None
+        if sock is None:
+            return
+        self._aborted = True
+        import socket
+
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
 
     def close(self) -> None:
         """End the request: release the server connection and the slot, count it, report it."""
@@ -806,7 +837,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with relay.core.open(self.command, self.path, self.headers.items(), body) as up:
             self.send_response(up.status)
-            sized = False
+            # 204, 304 and 1xx carry no body, hence no framing (RFC 9112 6.3).
+            sized = up.status in (204, 304) or up.status < 200
             for name, value in up.headers:
                 if name.lower() == "content-length":
                     sized = True

@@ -580,3 +580,22 @@ def test_a_long_fast_stream_arrives_whole_and_in_order(http: httpx.Client) -> No
     assert status == 200
     assert data == b"".join(events) + b"data: [DONE]\n\n"
     assert got[0]["tokens"] == 3000  # every delta counted, joined or not
+
+
+def test_abort_from_another_thread_cuts_a_stream_and_frees_the_slot(
+    fake: FakeOpenAI, http: httpx.Client
+) -> None:
+    core = RelayCore(fake.url, http, max_concurrent=1)
+    up = core.open("POST", "/v1/chat/completions", {}, body(mode="stream"))
+    chunks = iter(up)
+    assert b'"the"' in next(chunks)  # the server now waits (release unset) with the stream open
+    timer = threading.Timer(0.05, up.abort)
+    timer.start()
+    with up, pytest.raises(StreamBroken, match="cut by the relay"):
+        for _ in chunks:
+            pass
+    timer.join()
+    traffic = core.traffic
+    assert traffic.in_flight == 0 and traffic.failed == 1
+    assert "cut by the relay" in (traffic.last_error or "")
+    assert read_all(core, "POST", "/v1/chat/completions", body())[0] == 200
