@@ -325,7 +325,7 @@ def _more_waiting(response: httpx.Response) -> Callable[[], bool]:
     import socket
 
     sock = _upstream_socket(response)
-    if sock is None or not hasattr(select, "poll"):
+    if sock is None or sock.fileno() < 0 or not hasattr(select, "poll"):
         return lambda: False
     poller = select.poll()
     poller.register(sock, select.POLLIN)
@@ -348,7 +348,10 @@ class Upstream:
     Iterating raises StreamBroken when the server dies or stalls mid-answer (forward what came, then
     cut the connection so the room sees a truncated answer, not a complete one). `close()` ends the
     request (frees its slot, reports it) and is idempotent; use it as a context manager. Iterate and
-    close from one thread.
+    close from one thread; `abort()` is the one call meant for another thread.
+
+    Chunks are under 128 KiB (httpx reads 64 KiB at a time; a joined burst stops past
+    COALESCE_BYTES), so a tunnel frame of one base64 chunk stays far below 1 MiB.
     """
 
     def __init__(
@@ -379,9 +382,16 @@ class Upstream:
         self._complete = response is None
         self._closed = False
         self._aborted = False
+        self._chunks: Iterator[bytes] | None = None
         self._meter = _Meter(self.stream, started)
 
     def __iter__(self) -> Iterator[bytes]:
+        """The one iterator over the body: iterating again goes on where the last one stopped."""
+        if self._chunks is None:
+            self._chunks = self._read()
+        return self._chunks
+
+    def _read(self) -> Iterator[bytes]:
         if self._body is not None:
             body, self._body = self._body, None
             self._meter.feed(body, self._core.clock())
@@ -468,7 +478,9 @@ class Upstream:
 class RelayCore:
     """Serves requests from the room through the local server at `endpoint`; thread-safe.
 
-    `http` is the caller's httpx.Client (its pool must allow `max_concurrent` connections);
+    `http` is the caller's httpx.Client for the local server only, never shared with the hub's (a
+    pool full of long streams would hold up heartbeats): give it `max_concurrent + 1` connections,
+    one more for `ping()`, and trust_env=False for a loopback server (no proxy in the path);
     `credentials` are headers added to every request (Authorization: Bearer KEY and --header ones).
     `on_request(event)` and `on_server_down()` are called on the request's thread: keep them quick.
     """
@@ -702,6 +714,9 @@ class RelayCore:
                 # Any answer but a 5xx (llama.cpp's 503 while loading) is a live server; a 401
                 # is a wrong key, which pausing would not fix.
                 return response.status_code < 500
+        except httpx.PoolTimeout:
+            # Every connection of the pool is one of our requests in flight: the server took them.
+            return self.traffic.in_flight > 0
         except httpx.HTTPError:
             return False
 

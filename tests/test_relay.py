@@ -599,3 +599,13 @@ def test_abort_from_another_thread_cuts_a_stream_and_frees_the_slot(
     assert traffic.in_flight == 0 and traffic.failed == 1
     assert "cut by the relay" in (traffic.last_error or "")
     assert read_all(core, "POST", "/v1/chat/completions", body())[0] == 200
+
+
+def test_ping_with_every_connection_busy_serving_is_alive(fake: FakeOpenAI) -> None:
+    with httpx.Client(trust_env=False, limits=httpx.Limits(max_connections=1)) as one:
+        core = RelayCore(fake.url, one)
+        with core.open("POST", "/v1/chat/completions", {}, body(mode="stream")) as up:
+            next(iter(up))
+            assert core.ping(timeout_s=0.2) is True  # no connection free, but the server is serving
+            fake.release.set()
+            b"".join(up)
