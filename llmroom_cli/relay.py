@@ -157,9 +157,20 @@ def _json_error(status: int, message: str, kind: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
 
 
+# A query string is passed on as it came, so it must be plain URL text: visible ASCII, no fragment.
+_QUERY_RE = re.compile(r"[\x21-\x22\x24-\x7e]*")
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE_RE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
+
 def match_route(method: str, path: str) -> tuple[str | None, bool]:
-    """(the route name, method allowed) for a request path (query string ignored); (None, False)."""
-    bare = path.split("?", 1)[0]
+    """(the route name, method allowed) for a request path; (None, False) when it is not served.
+
+    The query string is not part of the route, but one that is not plain URL text is refused too.
+    """
+    bare, _, query = path.partition("?")
+    if not _QUERY_RE.fullmatch(query):
+        return None, False
     for pattern, methods, name in ROUTES:
         if pattern.fullmatch(bare):
             return name, method.upper() in methods
@@ -169,11 +180,19 @@ def match_route(method: str, path: str) -> tuple[str | None, bool]:
 def forward_headers(
     incoming: Mapping[str, str] | Iterable[tuple[str, str]], credentials: Mapping[str, str]
 ) -> dict[str, str]:
-    """The headers sent to the local server: the room's, cleaned, then our credentials on top."""
+    """The headers sent to the local server: the room's, cleaned, then our credentials on top.
+
+    A header that is not valid HTTP (a bad name, a line break or a non-Latin-1 character in the
+    value, a value that is not a string: the tunnel's frames are JSON from the hub) is dropped.
+    """
     pairs = incoming.items() if isinstance(incoming, Mapping) else incoming
     named_in_connection: set[str] = set()
     kept: list[tuple[str, str]] = []
     for name, value in pairs:
+        if not (isinstance(name, str) and isinstance(value, str)):
+            continue
+        if not (_HEADER_NAME_RE.fullmatch(name) and _HEADER_VALUE_RE.fullmatch(value)):
+            continue
         low = name.lower()
         if low == "connection":
             named_in_connection.update(t.strip().lower() for t in value.split(","))

@@ -191,6 +191,9 @@ def read_all(
         ("POST", "//v1/chat/completions", None, False),
         ("GET", "/props", None, False),
         ("GET", "/v1/models/../../api/tags", None, False),
+        ("GET", "/v1/models?a=1 b", None, False),
+        ("GET", "/v1/models?a=1#frag", None, False),
+        ("GET", "/v1/models?a=\r\nX-Evil:1", None, False),
     ],
 )
 def test_match_route_allows_only_the_inference_routes(
@@ -263,6 +266,24 @@ def test_credentials_replace_the_rooms_and_hop_by_hop_headers_are_dropped(
 def test_forward_headers_drops_what_connection_names() -> None:
     out = forward_headers({"Connection": "X-A", "X-A": "1", "X-B": "2"}, {})
     assert out == {"X-B": "2", "Accept-Encoding": "identity"}
+
+
+def test_forward_headers_drops_invalid_headers_instead_of_failing() -> None:
+    incoming: list[tuple[Any, Any]] = [
+        ("X-Split", "a\r\nX-Evil: 1"),
+        ("Bad Name", "1"),
+        ("X-Num", 5),
+        ("X-Emoji", "\U0001f600"),
+        ("X-Ok", "caf\u00e9"),
+    ]
+    assert forward_headers(incoming, {}) == {"X-Ok": "caf\u00e9", "Accept-Encoding": "identity"}
+
+
+def test_hostile_headers_from_the_room_still_get_an_answer(fake: FakeOpenAI, http: httpx.Client) -> None:
+    core = RelayCore(fake.url, http)
+    headers = {"X-Split": "a\nb", "X-Emoji": "\U0001f600", "X-Ok": "1"}
+    assert read_all(core, "POST", "/v1/chat/completions", body(), **headers)[0] == 200
+    assert fake.requests[0][2].get("X-Ok") == "1" and "X-Split" not in fake.requests[0][2]
 
 
 def test_a_failing_callback_never_cuts_the_request(fake: FakeOpenAI, http: httpx.Client) -> None:
