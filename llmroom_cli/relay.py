@@ -4,12 +4,22 @@ Two layers. `RelayCore` is the one place that turns a request from the room into
 server: the share relay below (v0.1 hubs, which connect to us) and the v0.6 tunnel (which hands us
 `tunnel.request` frames) both call it, from one thread per request:
 
-    core = RelayCore("http://127.0.0.1:11434", http, credentials={"Authorization": "Bearer K"})
-    with core.open("POST", "/v1/chat/completions", headers, body) as up:
+    core = RelayCore("http://127.0.0.1:11434", http, credentials=parse_headers([], [], key),
+                     on_request=events.put, on_server_down=session.pause)
+    with core.open("POST", "/v1/chat/completions", headers, body) as up:  # returns at the head
         send_start(up.status, up.headers)       # the server's status and safe headers (or ours: 404 ...)
-        for chunk in up:                        # raw bytes as the server sends them, never buffered
-            send(chunk)                         # StreamBroken: the server died or stalled mid-answer
-    core.traffic.snapshot()                     # served, in_flight, failed, last_ttft_ms ...
+        try:
+            for chunk in up:                    # raw bytes as the server sends them, never held back
+                send(chunk)
+        except StreamBroken as exc:             # the server died or stalled mid-answer
+            send_error(exc.message)
+    core.traffic                                # a copy: served, in_flight, failed, last_ttft_ms ...
+
+`open()` never raises for a request's failure (a refused route, a full relay, a dead server: an
+Upstream with the JSON error), so a tunnel worker needs no other error path. While it blocks waiting
+for the head (or `for chunk in up` waits for the next chunk), the tunnel's own timer may send its
+`: keepalive` comments; when the tunnel is gone, `up.abort()` from any thread cuts the request (the
+server stops generating) and the worker's loop ends with StreamBroken.
 
 What the core guarantees for every request:
 - only the OpenAI-compatible inference routes are forwarded (ROUTES); anything else is a 404 JSON
