@@ -22,12 +22,15 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import httpx
 
@@ -150,6 +153,7 @@ class LlamaServer:
         self.sleep_idle_s = sleep_idle_s
         self.n_ctx = n_ctx
         self.proc: subprocess.Popen[str] | None = None
+        self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -166,22 +170,26 @@ class LlamaServer:
         if self.api_key:
             env["LLAMA_TEST_API_KEY"] = self.api_key
         root = Path(__file__).resolve().parent.parent
+        # llama.cpp logs a lot: to a file, whose tail explains a failed start.
+        self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             cmd,
             cwd=root,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=self._log,
             text=True,
         )
         assert self.proc.stdout is not None
         deadline = time.monotonic() + START_S
-        line = self.proc.stdout.readline()  # blocks until the child says where it listens, or dies
+        ready, _, _ = select.select([self.proc.stdout], [], [], START_S)
+        line = self.proc.stdout.readline() if ready else ""
         match = re.match(r"listening http://[^:]+:(\d+)", line)
         if not match:
+            tail = self.log_tail()
             self.kill()
-            raise RuntimeError(f"llama.cpp server did not start: {line!r}")
+            raise RuntimeError(f"llama.cpp server did not start: {line!r}; log: {tail!r}")
         self.port = int(match.group(1))
         with httpx.Client(trust_env=False, timeout=2.0) as http:
             while time.monotonic() < deadline:
@@ -191,8 +199,16 @@ class LlamaServer:
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.02)
+        tail = self.log_tail()
         self.kill()
-        raise RuntimeError("llama.cpp server never became healthy")
+        raise RuntimeError(f"llama.cpp server never became healthy; log: {tail!r}")
+
+    def log_tail(self, size: int = 2000) -> str:
+        """The end of the server's log (stderr) so far."""
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode("utf-8", "replace")[-size:]
 
     def kill(self) -> None:
         """SIGKILL, as a crash would: no goodbye on open connections."""
@@ -201,7 +217,10 @@ class LlamaServer:
             self.proc.wait(timeout=10)
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
+        if self._log is not None:
+            self._log.close()
         self.proc = None
+        self._log = None
 
     def __enter__(self) -> LlamaServer:
         return self.start()
