@@ -30,6 +30,7 @@ SCRIPTS: dict[str, tuple[list[str], list[str], float]] = {
     "hub_load": ([], ["--seconds", "1"], 180),
     "typer_compare": ([], ["--runs", "5"], 240),
     "faults": ([], ["--quick"], 300),
+    "relay_overhead": (["--llama"], ["--quick"], 300),
 }
 
 

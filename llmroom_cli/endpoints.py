@@ -31,7 +31,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -221,10 +221,18 @@ class _Answer:
 class _Prober:
     """Fetches routes of one server, concurrently where asked, each route at most once."""
 
-    def __init__(self, http: httpx.Client, base: str, api_key: str | None, read_s: float) -> None:
+    def __init__(
+        self,
+        http: httpx.Client,
+        base: str,
+        api_key: str | None,
+        read_s: float,
+        credentials: Mapping[str, str] | None = None,
+    ) -> None:
         self.http = http
         self.base = base
         self.auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.auth.update(credentials or {})
         self.timeout = httpx.Timeout(connect=CONNECT_S, read=read_s, write=read_s, pool=POOL_S)
         self.cache: dict[str, _Answer] = {}
 
@@ -350,19 +358,28 @@ _NATIVE_ROUTES = {
 }
 
 
-def probe(http: httpx.Client, url: str, api_key: str | None = None, *, read_s: float = READ_S) -> ServerInfo:
+def probe(
+    http: httpx.Client,
+    url: str,
+    api_key: str | None = None,
+    *,
+    read_s: float = READ_S,
+    credentials: Mapping[str, str] | None = None,
+) -> ServerInfo:
     """Identify the server at `url` and list its models; raises EndpointError when it cannot.
 
     A server that is still loading its model answers with status "loading" (no error). `url` may be
     a bind address (0.0.0.0): it is probed through `probe_url`, and reported as given (normalised).
+    `credentials` are headers sent with every probe request (options.parse_headers: the API key as
+    `Authorization: Bearer`, --header ones); they are never part of a message.
     """
     base = normalize_endpoint(url)
-    prober = _Prober(http, probe_url(base), api_key, read_s)
+    prober = _Prober(http, probe_url(base), api_key, read_s, credentials)
     v1 = prober.one("/v1/models")
     if v1.status == 0:
         raise EndpointError(f"no LLM server answers at {base}: {v1.problem}; is it running?")
     if v1.status in (401, 403):
-        if api_key:
+        if prober.auth:
             raise EndpointError(
                 f"the server at {base} rejected the API key (HTTP {v1.status})", "check the key"
             )
@@ -534,23 +551,32 @@ def _try_llamacpp(p: _Prober, v1: _Answer, base: str, forced: bool = False) -> S
     if props.status == 503:
         return ServerInfo(base, "llamacpp", "loading", None, [])
     router = any("status" in e for e in entries)
-    ctx = None
-    if not router and len(entries) == 1:
+    ctx = quant = None
+    # /props describes the one model of single-model mode (router mode needs ?model= for it).
+    single = not router and len(entries) == 1
+    if single:
         ctx = _int(_dict(props_data.get("default_generation_settings")).get("n_ctx")) or _int(
             props_data.get("n_ctx")
         )
+        quant = _str(props_data.get("model_ftype"))
+    # --sleep-idle-seconds: the model is unloaded until the next request wakes it (a few seconds
+    # for a big model); the room should know it is not loaded, though it still answers.
+    sleeping = props_data.get("is_sleeping") is True
     models = []
     for e in entries:
         ident = str(e["id"])
         status = _dict(e.get("status")).get("value")
+        meta = _dict(e.get("meta"))
         models.append(
             ModelInfo(
                 id=ident,
-                # Single-model mode serves exactly the model it loaded at start-up.
-                loaded=(status == "loaded") if router else True,
+                # Single-model mode serves exactly the model it loaded at start-up, unless asleep.
+                loaded=(status == "loaded") if router else not sleeping,
                 embedding=_embedding_by_name(ident),
-                context_length=ctx,
-                size=_int(_dict(e.get("meta")).get("size")),
+                # meta.n_ctx is the context a request gets (per slot); n_ctx_train is only the ceiling.
+                context_length=_int(meta.get("n_ctx")) or ctx,
+                quantization=_str(meta.get("ftype")) or (quant if single else None),
+                size=_int(meta.get("size")),
             )
         )
     return ServerInfo(base, "llamacpp", "ready", _str(props_data.get("build_info")), models)

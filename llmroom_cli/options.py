@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -180,3 +181,73 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"--config-file {str(path)!r} must hold an object of KEY: VALUE")
     return data
+
+
+# -- credentials for the local LLM server (added by the relay, never sent to the hub) ----------------
+
+# RFC 9110 5.6.2 token characters.
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Set by the relay for each connection: a user value would break the request.
+_RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade"}
+)
+
+
+def _header_name(name: str, option: str) -> str:
+    name = name.strip()
+    if not _HEADER_NAME_RE.fullmatch(name):
+        # The name only: the value may be a secret, and a typo in the name is what the user must see.
+        raise UsageError(f"invalid {option}: {name[:40]!r} is not a valid header name")
+    if name.lower() in _RESERVED_HEADERS:
+        raise UsageError(f"invalid {option}: the {name} header cannot be set (the relay sets it)")
+    return name
+
+
+def _header_value(name: str, value: str, option: str) -> str:
+    if any(ch in value for ch in "\r\n\0"):
+        raise UsageError(f"invalid {option} {name}: the value contains a line break or NUL")
+    return value
+
+
+def parse_headers(pairs: list[str], env_pairs: list[str], api_key: str | None) -> dict[str, str]:
+    """The headers the relay adds to every request to the local server.
+
+    `pairs`: `--header NAME=VALUE`; `env_pairs`: `--header-env NAME=ENVVAR` (the value read from the
+    environment, so it stays out of the process list); `api_key`: `--api-key` / LLMROOM_API_KEY, sent
+    as `Authorization: Bearer KEY`. Raises UsageError (exit 2); a message never contains a value.
+    """
+    out: dict[str, str] = {}
+    seen: dict[str, str] = {}
+
+    def put(name: str, value: str, option: str) -> None:
+        low = name.lower()
+        if low in seen:
+            raise UsageError(f"invalid {option}: the {name} header is given twice (also by {seen[low]})")
+        seen[low] = option
+        out[name] = value
+
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise UsageError("invalid --header: expected NAME=VALUE, as in --header X-Org=acme")
+        name = _header_name(name, "--header")
+        put(name, _header_value(name, value, "--header"), "--header")
+    for pair in env_pairs:
+        name, sep, var = pair.partition("=")
+        var = var.strip()
+        if not sep or not name.strip() or not var:
+            raise UsageError(
+                "invalid --header-env: expected NAME=ENVVAR, as in --header-env X-Token=MY_TOKEN"
+            )
+        name = _header_name(name, "--header-env")
+        env_value = os.environ.get(var)
+        if env_value is None:
+            raise UsageError(f"invalid --header-env {name}: the environment variable {var} is not set")
+        put(name, _header_value(name, env_value, "--header-env"), "--header-env")
+    if api_key is not None:
+        key = api_key.strip()
+        if not key:
+            raise UsageError("the API key is empty (--api-key or LLMROOM_API_KEY)")
+        put("Authorization", _header_value("API key", key, "--api-key"), "--api-key")
+        out["Authorization"] = f"Bearer {key}"
+    return out
