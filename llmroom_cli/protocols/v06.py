@@ -631,7 +631,10 @@ def _default_connect(url: str, timeout_s: float) -> Connection:
         )
     except InvalidStatus as exc:
         raise TunnelRefused(exc.response.status_code, bytes(exc.response.body or b"")) from None
-    return cast(Connection, conn)
+    # The connection is its own context manager; entering it is how websockets 17 is told we hold it
+    # on purpose (it warns about a bare connect() otherwise), and a no-op returning it on 13-16. The
+    # session closes it itself (leave, rebuild), so there is no matching __exit__.
+    return cast(Connection, conn.__enter__())
 
 
 def _abort(conn: Connection) -> None:
@@ -656,6 +659,7 @@ class _Tunnel:
         self.close_code: int | None = None
         self.close_reason = ""
         self.closed_by_us = False
+        self.error: str | None = None  # what ended it when no close frame came (a socket error)
         self.outbox: queue.Queue[str | None] = queue.Queue(maxsize=WRITE_QUEUE_FRAMES)
         self.workers = threading.BoundedSemaphore(MAX_WORKERS)
 
@@ -1000,7 +1004,9 @@ class TunnelSession:
         self.status.tunnel = "lost"
         self.status.close_code = code
         self.status.close_meaning = meaning
-        self.emit("tunnel", state="lost", code=code, reason=_clip(reason, 123), meaning=meaning)
+        self.emit(
+            "tunnel", state="lost", code=code, reason=_clip(reason, 123), meaning=meaning, error=tunnel.error
+        )
         if code == 1000 and reason.startswith("Superseded"):
             self.superseded = True
             raise TunnelSuperseded(
@@ -1056,6 +1062,8 @@ class TunnelSession:
             rcvd = getattr(exc, "rcvd", None)
             if rcvd is not None:
                 code, reason = int(rcvd.code), str(rcvd.reason)
+            else:
+                tunnel.error = f"{type(exc).__name__}: {exc}"
         finally:
             tunnel.close_code, tunnel.close_reason = code, reason
             tunnel.closed.set()
