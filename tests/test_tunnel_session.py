@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llmroom_cli.errors import RoomNotFound
+from llmroom_cli.errors import InvalidPassword, RoomNotFound
 from llmroom_cli.protocols import v06
 from llmroom_cli.protocols.v06 import (
     RelayHandler,
@@ -499,3 +499,60 @@ def test_a_missing_pong_is_noticed_within_two_intervals() -> None:
     assert tunnels[0].closed_with is not None and len(tunnels) == 2
     wake.set()
     runner.join(WAIT_S)
+
+
+def test_a_refused_token_gets_a_fresh_put_and_no_token_is_used_twice() -> None:
+    client, seen = memory_hub()
+    urls: list[str] = []
+
+    def connect(url: str, timeout_s: float) -> MemoryTunnel:
+        urls.append(url)
+        if len(urls) == 1:
+            raise v06.TunnelRefused(
+                401, b'{"error":{"code":"INVALID_REQUEST","message":"Tunnel token is invalid"}}'
+            )
+        return MemoryTunnel()
+
+    plan = JoinPlan("http://127.0.0.1:9", "ROOM", "p1", "n", "m", "http://127.0.0.1:1", interval_s=0.05)
+    events: list[dict[str, Any]] = []
+    session = TunnelSession(client, plan, RelayHandler(upstream), events.append, connect=connect)
+    session.join()
+    assert session.joined
+    assert seen.count("PUT /v1/rooms/ROOM/participants/p1") == 2
+    tokens = [u.split("token=")[1] for u in urls]
+    assert len(tokens) == len(set(tokens)) == 2
+    # A reconnect after a hub answers never waits longer than one interval between attempts.
+    assert session.reconnect_max_delay_s <= plan.interval_s
+    assert session.leave() is True
+
+
+def test_a_tunnel_refused_because_the_room_is_gone_is_room_not_found() -> None:
+    client, _ = memory_hub()
+
+    def connect(url: str, timeout_s: float) -> MemoryTunnel:
+        raise v06.TunnelRefused(404, b'{"error":{"code":"ROOM_NOT_FOUND","message":"Room not found."}}')
+
+    plan = JoinPlan("http://127.0.0.1:9", "ROOM", "p1", "n", "m", "http://127.0.0.1:1", interval_s=0.05)
+    session = TunnelSession(client, plan, RelayHandler(upstream), lambda e: None, connect=connect)
+    with pytest.raises(RoomNotFound):
+        session.join()
+
+
+def test_join_errors_at_start(hub: Any) -> None:
+    agent = Agent(hub, "NOROOM")
+    agent.thread.start()
+    outcome = agent.ended()
+    assert isinstance(outcome.error, RoomNotFound) and "was not found" in outcome.error.message
+    code = hub.create_room("Locked", password="right")
+    locked = Agent(hub, code)
+    locked.plan.password = "wrong"
+    locked.thread.start()
+    outcome = locked.ended()
+    assert isinstance(outcome.error, InvalidPassword) and outcome.error.exit_code == 4
+    assert upgrades(hub) == []  # nothing opened without a registration
+    locked.plan.password = "right"
+    ok = Agent(hub, code, pid="p2")
+    ok.plan.password = "right"
+    ok.start()
+    hub.wait_for(lambda: connected(hub, code, "p2"), "joined with the right password")
+    ok.leave()

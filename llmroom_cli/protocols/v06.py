@@ -253,7 +253,8 @@ class V06Client:
         deadline = time.monotonic() + budget_s
         content = json.dumps(body).encode() if body is not None else None
         headers = {"content-type": "application/json"} if content is not None else {}
-        timeout = httpx.Timeout(budget_s)
+        # Connecting gets half the budget (it is milliseconds on a LAN), so connect + read stays near it.
+        timeout = httpx.Timeout(budget_s, connect=budget_s / 2, pool=budget_s / 2)
         try:
             with self.http.stream(
                 method, self.base_url + path, content=content, headers=headers, timeout=timeout
@@ -920,10 +921,10 @@ class TunnelSession:
                     if exc.status == 401:
                         continue  # token refused (expired, used): a fresh PUT gives a fresh one
                     self._refused(exc)
-                except (OSError, TimeoutError) as exc:
-                    raise HubUnavailable(f"cannot open the tunnel to {self.client.base_url}: {exc}") from exc
-                except Exception as exc:  # websockets' handshake errors (InvalidHandshake, ...)
-                    raise HubUnavailable(f"cannot open the tunnel to {self.client.base_url}: {exc}") from exc
+                except Exception as exc:  # OSError, TimeoutError, websockets' InvalidHandshake ...
+                    # The token is a credential for 60 s: never let it into a message.
+                    why = (str(exc) or type(exc).__name__).replace(reg.token, "***")
+                    raise HubUnavailable(f"cannot open the tunnel to {self.client.base_url}: {why}") from None
             self._start_tunnel(conn, reg.tunnel_url)
             if self.stop.is_set():
                 self._close_tunnel(LEAVE_CLOSE_S, "participant leaving")
@@ -1075,7 +1076,7 @@ class TunnelSession:
     def _writer(self, tunnel: _Tunnel) -> None:
         while True:
             try:
-                text = tunnel.outbox.get(timeout=0.5)
+                text = tunnel.outbox.get(timeout=2.0)  # the timeout only backs up the None sentinel
             except queue.Empty:
                 if tunnel.closed.is_set():
                     return
