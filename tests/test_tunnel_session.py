@@ -556,3 +556,53 @@ def test_join_errors_at_start(hub: Any) -> None:
     ok.start()
     hub.wait_for(lambda: connected(hub, code, "p2"), "joined with the right password")
     ok.leave()
+
+
+def test_a_ping_is_not_held_behind_a_full_queue_of_answer_frames() -> None:
+    client, _ = memory_hub()
+
+    class Slow(MemoryTunnel):
+        def send(self, message: str) -> None:
+            if '"tunnel.response.chunk"' in message:
+                time.sleep(0.01)  # a slow link: the writer's queue stays full for many intervals
+            super().send(message)
+
+    tunnels: list[MemoryTunnel] = []
+
+    def connect(url: str, timeout_s: float) -> MemoryTunnel:
+        tunnels.append(Slow())
+        return tunnels[-1]
+
+    def handler(request: dict[str, Any], send: Any) -> None:
+        rid = request["requestId"]
+        send({"type": "tunnel.response.start", "requestId": rid, "status": 200, "headers": {}})
+        for _ in range(100):
+            send({"type": "tunnel.response.chunk", "requestId": rid, "chunk": "eA=="})
+        send({"type": "tunnel.response.end", "requestId": rid})
+
+    plan = JoinPlan("http://127.0.0.1:9", "ROOM", "p1", "n", "m", "http://127.0.0.1:1", interval_s=0.05)
+    events: list[dict[str, Any]] = []
+    session = TunnelSession(client, plan, handler, events.append, connect=connect)
+    wake = threading.Event()
+    runner = threading.Thread(target=run_tunnel_session, args=(session, wake), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + WAIT_S
+    while not tunnels and time.monotonic() < deadline:
+        time.sleep(0.005)
+    tunnels[0].incoming.put(
+        json.dumps(
+            {"type": "tunnel.request", "requestId": "r1", "method": "POST", "path": "/v1/x", "body": {}}
+        )
+    )
+    while (
+        not any(f["type"] == "tunnel.response.end" for f in list(tunnels[0].sent))
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.005)
+    sent = [f["type"] for f in list(tunnels[0].sent)]
+    first, last = sent.index("tunnel.response.start"), sent.index("tunnel.response.end")
+    assert "tunnel.ping" in sent[first:last], "pings went out while the answer was still streaming"
+    assert "reconnecting" not in [e["event"] for e in events]
+    assert len(tunnels) == 1
+    wake.set()
+    runner.join(WAIT_S)

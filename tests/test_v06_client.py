@@ -477,3 +477,26 @@ def test_importing_the_v06_module_does_not_import_websockets() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_no_keepalive_goes_into_a_streamed_json_error_body() -> None:
+    release = threading.Event()
+
+    def late() -> Iterator[bytes]:
+        release.wait(10)
+        yield b'{"error": "model is loading"}'
+
+    def upstream(method: str, path: str, headers: dict[str, str], body: bytes | None) -> Any:
+        return 503, {"content-type": "application/json"}, late()
+
+    send = Frames()
+    worker = threading.Thread(target=RelayHandler(upstream, keepalive_s=0.02), args=(request(True), send))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not send.frames and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # several keepalive periods pass with the body still pending
+    release.set()
+    worker.join(30)
+    assert send.frames[0]["status"] == 503
+    assert send.body() == b'{"error": "model is loading"}'

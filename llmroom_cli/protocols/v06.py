@@ -506,12 +506,14 @@ class RelayHandler:
         producer.start()
         started = False
         first_byte = False
+        # Comments are only valid in an SSE body: into a JSON error body they would corrupt it.
+        sse = True
         try:
             while True:
                 try:
                     kind, value = items.get(timeout=self.keepalive_s)
                 except queue.Empty:
-                    if first_byte:
+                    if first_byte or not sse:
                         continue  # mid-stream silence is the server's; the hub does not cut a live stream
                     if not started:
                         start_headers = {"content-type": "text/event-stream", "cache-control": "no-cache"}
@@ -529,6 +531,8 @@ class RelayHandler:
                 if kind == "start":
                     if not started:
                         status, up_headers = value
+                        ctype = {k.lower(): v for k, v in up_headers.items()}.get("content-type", "")
+                        sse = ctype.split(";")[0].strip() == "text/event-stream"
                         send(
                             {
                                 "type": "tunnel.response.start",
@@ -662,6 +666,7 @@ class _Tunnel:
         self.closed_by_us = False
         self.error: str | None = None  # what ended it when no close frame came (a socket error)
         self.outbox: queue.Queue[str | None] = queue.Queue(maxsize=WRITE_QUEUE_FRAMES)
+        self.ping_text: str | None = None
         self.workers = threading.BoundedSemaphore(MAX_WORKERS)
 
     def send(self, frame: dict[str, Any]) -> None:
@@ -677,7 +682,7 @@ class _Tunnel:
                 continue
 
     def try_send(self, frame: dict[str, Any]) -> bool:
-        """Queue a frame only if there is room (a ping never waits behind a blocked socket)."""
+        """Queue a frame only if there is room (never waits behind a blocked socket)."""
         if self.closed.is_set():
             return False
         try:
@@ -685,6 +690,13 @@ class _Tunnel:
             return True
         except queue.Full:
             return False
+
+    def ping(self, frame: dict[str, Any]) -> None:
+        """Send a ping ahead of queued answer frames: a full queue (a big answer in flight) must not
+        delay it into a false "no pong", and the caller (the lifecycle thread) never waits."""
+        self.ping_text = json.dumps(frame, separators=(",", ":"))
+        with contextlib.suppress(queue.Full):
+            self.outbox.put_nowait("")  # wakes an idle writer; a busy one sees ping_text after its frame
 
 
 @dataclass
@@ -856,10 +868,10 @@ class TunnelSession:
                 self._trouble("the hub did not answer the tunnel ping within one interval")
                 self._drop_tunnel(tunnel, "no tunnel.pong from the hub")
                 return
-            # Set before sending: the pong may come back before try_send returns. A ping that cannot
-            # even be queued (the writer is stuck on a hub that stopped reading) counts as unanswered.
+            # Set before sending: the pong may come back before ping() returns. A ping the writer cannot
+            # get out (it is stuck on a hub that stopped reading) stays unanswered, which is the truth.
             self._ping_outstanding = True
-            tunnel.try_send({"type": "tunnel.ping", "timestamp": _ms()})
+            tunnel.ping({"type": "tunnel.ping", "timestamp": _ms()})
         self._heartbeat()
 
     def _heartbeat(self) -> None:
@@ -1075,6 +1087,14 @@ class TunnelSession:
 
     def _writer(self, tunnel: _Tunnel) -> None:
         while True:
+            ping, tunnel.ping_text = tunnel.ping_text, None
+            if ping is not None and not tunnel.closed.is_set():
+                try:
+                    tunnel.conn.send(ping)
+                except Exception:
+                    tunnel.closed.set()
+                    self._wake.set()
+                    return
             try:
                 text = tunnel.outbox.get(timeout=2.0)  # the timeout only backs up the None sentinel
             except queue.Empty:
@@ -1083,6 +1103,8 @@ class TunnelSession:
                 continue
             if text is None or tunnel.closed.is_set():
                 return
+            if not text:
+                continue  # the ping's wake-up
             try:
                 tunnel.conn.send(text)
             except Exception:
@@ -1110,22 +1132,23 @@ class TunnelSession:
             return
         path = frame.get("path")
         if not isinstance(path, str) or not path.startswith("/") or not isinstance(frame.get("method"), str):
-            tunnel.try_send(_error_frame(rid, "malformed tunnel.request"))
+            self._reply(tunnel, _error_frame(rid, "malformed tunnel.request"))
             return
         if not tunnel.workers.acquire(blocking=False):
-            tunnel.try_send(
+            self._reply(
+                tunnel,
                 {
                     "type": "tunnel.response.start",
                     "requestId": rid,
                     "status": 429,
                     "headers": {"content-type": "application/json"},
-                }
+                },
             )
             busy = json.dumps(
                 {"error": {"message": "participant is at its concurrency limit", "type": "rate_limit"}}
             )
-            tunnel.try_send(_chunk_frame(rid, busy.encode()))
-            tunnel.try_send({"type": "tunnel.response.end", "requestId": rid})
+            self._reply(tunnel, _chunk_frame(rid, busy.encode()))
+            self._reply(tunnel, {"type": "tunnel.response.end", "requestId": rid})
             return
         self.status.requests += 1
 
@@ -1141,6 +1164,11 @@ class TunnelSession:
                 tunnel.workers.release()
 
         threading.Thread(target=work, name=f"llmroom-request-{rid[:8]}", daemon=True).start()
+
+    def _reply(self, tunnel: _Tunnel, frame: dict[str, Any]) -> None:
+        """A frame from the reader thread itself (a refusal): waits for room, gives up if the tunnel goes."""
+        with contextlib.suppress(TunnelGone):
+            tunnel.send(frame)
 
     # -- state --------------------------------------------------------------------------------------
 
@@ -1187,6 +1215,13 @@ class TunnelSession:
             self.emit("resumed")
 
     # -- leave --------------------------------------------------------------------------------------
+
+    def abandon(self) -> None:
+        """Stop without a DELETE (superseded, room gone, refused): close a tunnel still open, quietly."""
+        self.stop.set()
+        self._close_tunnel(LEAVE_CLOSE_S, "participant stopping")
+        self.left = True
+        self.status.state = "left"
 
     def leave(self) -> bool:
         """Close the tunnel with 1000, then DELETE; True when the hub confirmed (or we were already
@@ -1242,10 +1277,9 @@ def run_tunnel_session(
     while not wake.wait(0.5):
         pass
     session.stop.set()
-    if isinstance(outcome.error, (InvalidPassword, TunnelSuperseded)) and not session.joined:
-        return outcome
-    if isinstance(outcome.error, TunnelSuperseded):
-        outcome.confirmed = session.leave()  # sends nothing: the id is the other agent's now
+    if isinstance(outcome.error, (RoomNotFound, InvalidPassword, TunnelSuperseded)):
+        # Nothing of ours to DELETE: the room is gone, the hub refused us, or the id is another agent's.
+        session.abandon()
         return outcome
     if not session.join_maybe_sent:
         return outcome
