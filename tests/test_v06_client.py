@@ -500,3 +500,41 @@ def test_no_keepalive_goes_into_a_streamed_json_error_body() -> None:
     worker.join(30)
     assert send.frames[0]["status"] == 503
     assert send.body() == b'{"error": "model is loading"}'
+
+
+def test_from_core_adapts_the_relay_cores_upstream_and_closes_it_on_its_own_thread() -> None:
+    class Upstream:
+        def __init__(self) -> None:
+            self.status = 200
+            self.headers = [("Content-Type", "text/event-stream"), ("Transfer-Encoding", "chunked")]
+            self.threads: set[int] = set()
+            self.closed = False
+
+        def __iter__(self) -> Iterator[bytes]:
+            self.threads.add(threading.get_ident())
+            yield b"data: 1\n\n"
+            yield b"data: [DONE]\n\n"
+
+        def close(self) -> None:
+            self.threads.add(threading.get_ident())
+            self.closed = True
+
+    class Core:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, str, dict[str, str], bytes | None]] = []
+            self.upstream = Upstream()
+
+        def open(self, method: str, path: str, headers: dict[str, str], body: bytes | None) -> Upstream:
+            self.calls.append((method, path, headers, body))
+            return self.upstream
+
+    core = Core()
+    send = Frames()
+    RelayHandler.from_core(core)(request(True), send)
+    assert core.calls[0][:2] == ("POST", "/v1/chat/completions")
+    assert send.frames[0]["headers"] == {"content-type": "text/event-stream"}  # hop-by-hop dropped
+    assert send.body() == b"data: 1\n\ndata: [DONE]\n\n" and send.types()[-1] == "end"
+    deadline = time.monotonic() + 30
+    while not core.upstream.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert core.upstream.closed and len(core.upstream.threads) == 1  # iterated and closed on one thread

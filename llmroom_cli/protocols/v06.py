@@ -24,7 +24,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn, Protocol, cast
 from urllib.parse import quote, urlencode, urlsplit
@@ -367,7 +367,9 @@ def registration_body(plan: JoinPlan, capabilities: dict[str, str] | None = None
 
 # -- answering tunnel requests ------------------------------------------------------------------------
 
-OpenUpstream = Callable[[str, str, dict[str, str], bytes | None], tuple[int, dict[str, str], Iterable[bytes]]]
+# Headers come back as a mapping or as (name, value) pairs (the relay core's Upstream.headers).
+Headers = Mapping[str, str] | Iterable[tuple[str, str]]
+OpenUpstream = Callable[[str, str, dict[str, str], bytes | None], tuple[int, Headers, Iterable[bytes]]]
 
 # Hop-by-hop and framing headers describe the local connection, not the answer: never forwarded.
 _DROP_HEADERS = frozenset(
@@ -414,6 +416,18 @@ class RelayHandler:
         self.max_chunk_bytes = max_chunk_bytes
         self.max_nonstream_bytes = max_nonstream_bytes
 
+    @classmethod
+    def from_core(cls, core: Any, **kw: Any) -> RelayHandler:
+        """Over the relay core: `core.open(method, path, headers, body)` returns an Upstream with
+        `status`, `headers` (pairs), iteration over the raw body and `close()` (duck-typed here, so
+        this module does not import relay.py)."""
+
+        def open_upstream(method: str, path: str, headers: dict[str, str], body: bytes | None) -> Any:
+            up = core.open(method, path, headers, body)
+            return up.status, up.headers, up
+
+        return cls(open_upstream, **kw)
+
     def __call__(self, request: dict[str, Any], send: Send) -> None:
         rid = request["requestId"]
         method = str(request.get("method", "POST"))
@@ -459,7 +473,7 @@ class RelayHandler:
             json.loads(bytes(buf))
             payload = bytes(buf)
         except (ValueError, UnicodeDecodeError):
-            kind = {k.lower(): v for k, v in up_headers.items()}.get("content-type", "no content type")
+            kind = _header(up_headers, "content-type") or "no content type"
             kind = kind.split(";")[0]
             message = f"the local server answered HTTP {status} with non-JSON ({kind}, {len(buf)} bytes)"
             payload = json.dumps({"error": {"message": message, "type": "upstream_error"}}).encode()
@@ -475,7 +489,7 @@ class RelayHandler:
     ) -> None:
         items: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=4)
         cancelled = threading.Event()
-        holder: list[Iterable[bytes]] = []
+        holder: list[Iterable[bytes]] = []  # the producer's, closed by the producer
 
         def put(item: tuple[str, Any]) -> bool:
             while not cancelled.is_set():
@@ -531,7 +545,7 @@ class RelayHandler:
                 if kind == "start":
                     if not started:
                         status, up_headers = value
-                        ctype = {k.lower(): v for k, v in up_headers.items()}.get("content-type", "")
+                        ctype = _header(up_headers, "content-type") or ""
                         sse = ctype.split(";")[0].strip() == "text/event-stream"
                         send(
                             {
@@ -557,8 +571,8 @@ class RelayHandler:
             with contextlib.suppress(queue.Empty):
                 while True:
                     items.get_nowait()
-            if holder:
-                _close(holder[0])
+            # The producer closes the upstream itself (the relay core's Upstream is iterated and closed
+            # from one thread): `cancelled` makes it stop at its next chunk.
 
     def _chunks(self, rid: str, data: bytes, send: Send) -> None:
         for i in range(0, len(data), self.max_chunk_bytes):
@@ -583,8 +597,17 @@ def _error_frame(rid: str, exc: BaseException | str) -> dict[str, Any]:
     }
 
 
-def _forward_headers(headers: dict[str, str]) -> dict[str, str]:
-    return {str(k).lower(): str(v) for k, v in headers.items() if str(k).lower() not in _DROP_HEADERS}
+def _pairs(headers: Headers) -> list[tuple[str, str]]:
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return [(str(k).lower(), str(v)) for k, v in items]
+
+
+def _header(headers: Headers, name: str) -> str | None:
+    return next((v for k, v in _pairs(headers) if k == name), None)
+
+
+def _forward_headers(headers: Headers) -> dict[str, str]:
+    return {k: v for k, v in _pairs(headers) if k not in _DROP_HEADERS}
 
 
 def _close(chunks: Iterable[bytes]) -> None:
