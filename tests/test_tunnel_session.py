@@ -606,3 +606,44 @@ def test_a_ping_is_not_held_behind_a_full_queue_of_answer_frames() -> None:
     assert len(tunnels) == 1
     wake.set()
     runner.join(WAIT_S)
+
+
+def test_requests_beyond_the_worker_bound_get_429_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(v06, "MAX_WORKERS", 2)
+    client, _ = memory_hub()
+    tunnels: list[MemoryTunnel] = []
+
+    def connect(url: str, timeout_s: float) -> MemoryTunnel:
+        tunnels.append(MemoryTunnel())
+        return tunnels[-1]
+
+    release = threading.Event()
+
+    def handler(request: dict[str, Any], send: Any) -> None:
+        release.wait(WAIT_S)
+        send(
+            {"type": "tunnel.response.start", "requestId": request["requestId"], "status": 200, "headers": {}}
+        )
+        send({"type": "tunnel.response.end", "requestId": request["requestId"]})
+
+    plan = JoinPlan("http://127.0.0.1:9", "ROOM", "p1", "n", "m", "http://127.0.0.1:1", interval_s=5.0)
+    session = TunnelSession(client, plan, handler, lambda e: None, connect=connect)
+    session.join()
+    for rid in ("a", "b", "c"):
+        frame = {"type": "tunnel.request", "requestId": rid, "method": "POST", "path": "/v1/x", "body": {}}
+        tunnels[0].incoming.put(json.dumps(frame))
+    deadline = time.monotonic() + WAIT_S
+    while not any(f.get("status") == 429 for f in list(tunnels[0].sent)) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    refused = [f for f in list(tunnels[0].sent) if f["requestId"] == "c"]
+    assert [f["type"] for f in refused] == [
+        "tunnel.response.start",
+        "tunnel.response.chunk",
+        "tunnel.response.end",
+    ]
+    assert refused[0]["status"] == 429
+    release.set()
+    while len([f for f in list(tunnels[0].sent) if f["type"] == "tunnel.response.end"]) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert session.leave() is True

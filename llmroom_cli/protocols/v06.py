@@ -1100,6 +1100,7 @@ class TunnelSession:
                 code, reason = int(rcvd.code), str(rcvd.reason)
             else:
                 tunnel.error = f"{type(exc).__name__}: {exc}"
+                _abort(tunnel.conn)  # whatever broke the reader, the socket must not linger half-used
         finally:
             tunnel.close_code, tunnel.close_reason = code, reason
             tunnel.closed.set()
