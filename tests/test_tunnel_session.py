@@ -647,3 +647,37 @@ def test_requests_beyond_the_worker_bound_get_429_at_once(monkeypatch: pytest.Mo
         assert time.monotonic() < deadline
         time.sleep(0.005)
     assert session.leave() is True
+
+
+def test_against_llmrooms_own_hub_join_serve_restart_and_leave() -> None:
+    """The same agent against `llmroom serve`'s v0.6 side (skips until branch `hub` is merged)."""
+    hub_pkg = pytest.importorskip("llmroom_cli.hub", reason="llmroom's own v0.6 hub (branch hub)")
+    from llmroom_cli.protocols.generation import clear_cache, detect_generation
+
+    hub = hub_pkg.start_hub()
+    port = int(hub.url.rsplit(":", 1)[1])
+    try:
+        with httpx.Client(trust_env=False) as http:
+            clear_cache()
+            assert detect_generation(http, hub.url) == "both"
+            code = V06Client(http, hub.url).create_room("ours")["room"]["code"]
+        agent = Agent(hub, code).start()
+        plain = chat(hub, code, {"model": "p1", "messages": [{"content": "hi"}]})
+        assert plain.json()["choices"][0]["message"]["content"] == "echo: hi"
+        streamed = chat(
+            hub, code, {"model": "p1", "stream": True, "ttft_s": 0.4, "messages": [{"content": "a b"}]}
+        )
+        assert streamed.text.startswith(": keepalive") and streamed.text.endswith("data: [DONE]\n\n")
+        before = len(agent.events)
+        state = hub.state
+        hub.stop()
+        hub = hub_pkg.start_hub(port=port, state=state)  # restarted, rooms kept
+        lost = agent.wait_event("tunnel", after=before, state="lost")
+        assert lost["code"] == 1001
+        agent.wait_event("online", after=before)
+        again = chat(hub, code, {"model": "p1", "messages": [{"content": "back"}]})
+        assert again.json()["choices"][0]["message"]["content"] == "echo: back"
+        outcome = agent.leave()
+        assert outcome.error is None and outcome.confirmed is True
+    finally:
+        hub.stop()
