@@ -47,6 +47,7 @@ def upstream(method: str, path: str, headers: dict[str, str], body: bytes | None
             time.sleep(float(req.get("ttft_s", 0)))
             for word in str(content).split():
                 yield f"data: {json.dumps({'delta': word})}\n\n".encode()
+                time.sleep(float(req.get("gap_s", 0)))
             yield b"data: [DONE]\n\n"
 
         return 200, {"content-type": "text/event-stream"}, chunks()
@@ -259,6 +260,28 @@ def test_reconnects_with_the_same_id_after_a_tunnel_loss(hub: Any, how: str, cod
     resp = chat(hub, code, {"model": "p1", "messages": [{"content": "again"}]})
     assert resp.json()["choices"][0]["message"]["content"] == "echo: again"
     assert agent.leave().error is None
+
+
+def test_no_chunk_of_a_request_goes_out_once_its_tunnel_is_gone(hub: Any) -> None:
+    code = hub.create_room("Open Room")
+    agent = Agent(hub, code).start()
+    hub.wait_for(lambda: connected(hub, code), "online")
+    words = " ".join(f"w{i}" for i in range(60))
+    body = {"model": "p1", "stream": True, "gap_s": 0.05, "messages": [{"content": words}]}
+    client = threading.Thread(target=lambda: chat(hub, code, body), daemon=True)
+    client.start()
+    hub.wait_for(lambda: len(hub.tunnel_frames("p1", "in", "tunnel.response.chunk")) >= 3, "streaming")
+    rid = hub.tunnel_frames("p1", "out", "tunnel.request")[0]["requestId"]
+    hub.drop_tunnel("p1")
+    agent.wait_event("online", after=len(agent.events) - 1)
+    hub.wait_for(lambda: connected(hub, code), "reconnected")
+    reopened = upgrades(hub)[-1].at
+    time.sleep(0.5)  # the old answer's producer would still be going (60 words * 0.05 s)
+    late = [f for f in list(hub.frames) if f.direction == "in" and f.at > reopened and rid in str(f.data)]
+    assert late == [], "frames of the old request went out on the new tunnel"
+    assert not hub.crashed.is_set()
+    client.join(WAIT_S)
+    agent.leave()
 
 
 def test_a_restarted_hub_that_lost_the_room_ends_the_session_with_room_gone(hub: Any) -> None:
