@@ -145,6 +145,18 @@ def main() -> None:
                 exits.append(time.perf_counter() - t)
                 gone += rc == 0 and hub.participant(code, f"b{i}") is None
         shutil.rmtree(pycache, ignore_errors=True)
+
+        # Same-run baselines: the interpreter, and the two libraries any tunnel agent in Python needs.
+        def once(code_s: str) -> float:
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code_s], check=True)
+            return time.perf_counter() - t
+
+        bare = statistics.median(once("pass") for _ in range(runs))
+        libs = statistics.median(once("import httpx, websockets.sync.client") for _ in range(runs))
+        rows.append(
+            ("  baseline: python -c pass / import httpx + websockets", f"{bare:.3f} s / {libs:.3f} s", "", "")
+        )
         for label, values in (("as is", starts), ("bytecode cached", cached)):
             med = statistics.median(values)
             rows.append(
