@@ -704,3 +704,19 @@ def test_against_llmrooms_own_hub_join_serve_restart_and_leave() -> None:
         assert outcome.error is None and outcome.confirmed is True
     finally:
         hub.stop()
+
+
+def test_a_stop_event_passed_in_stops_the_loop_like_session_stop() -> None:
+    client, _ = memory_hub()
+    stop = threading.Event()
+    plan = JoinPlan("http://127.0.0.1:9", "ROOM", "p1", "n", "m", "http://127.0.0.1:1", interval_s=60.0)
+    session = TunnelSession(
+        client, plan, RelayHandler(upstream), lambda e: None, stop=stop, connect=lambda u, t: MemoryTunnel()
+    )
+    session.join()
+    loop = threading.Thread(target=session.heartbeat_loop, daemon=True)
+    loop.start()
+    stop.set()  # a 60 s interval: only the link between the two Events can end the wait now
+    loop.join(WAIT_S)
+    assert not loop.is_alive() and session.stop.is_set()
+    assert session.leave() is True

@@ -767,6 +767,7 @@ class TunnelSession:
         plan: JoinPlan,
         handler: Handler,
         emit: Emit,
+        stop: threading.Event | None = None,
         capabilities: dict[str, str] | None = None,
         connect: Connect | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -784,6 +785,14 @@ class TunnelSession:
         self.on_retry = on_retry
         self._wake = threading.Event()
         self.stop: threading.Event = _Wakeable(self._wake)
+        if stop is not None:
+            # Drop-in for Session(stop=...): setting the caller's Event stops us too. Setting
+            # `session.stop` directly (run_tunnel_session does) needs no watcher.
+            def watch() -> None:
+                stop.wait()
+                self.stop.set()
+
+            threading.Thread(target=watch, name="llmroom-stop-watch", daemon=True).start()
         self.status = TunnelStatus()
         self.join_maybe_sent = False
         self.joined = False
