@@ -178,6 +178,24 @@ def main() -> None:
             )
         )
 
+        frozen = []
+        for i in range(3):
+            proc, _ = spawn(hub.url, code, f"f{i}", llm_url, 10.0)
+            hub.freeze()
+            t = time.perf_counter()
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+            frozen.append(time.perf_counter() - t)
+            hub.unfreeze()
+        rows.append(
+            (
+                "SIGINT -> exit, hub frozen (worst of 3)",
+                f"{max(frozen):.3f} s",
+                "reference: never notices",
+                "target <= 3 s",
+            )
+        )
+
         idle_s = 3.0 if quick else 12.0
         proc, _ = spawn(hub.url, code, "idle", llm_url, 1.0)
         samples = []
