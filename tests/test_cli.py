@@ -14,7 +14,7 @@ from llmroom_cli.server import RunningHub
 from llmroom_cli.standin import StandIn
 from tests.helpers import cli
 
-HEAVY = ("httpx", "rich", "psutil", "pynvml", "llmroom_cli.server", "zeroconf")
+HEAVY = ("httpx", "rich", "psutil", "pynvml", "llmroom_cli.server", "zeroconf", "websockets")
 
 
 def test_version() -> None:
