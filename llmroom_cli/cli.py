@@ -312,7 +312,7 @@ def serve(
         return announcement.close
 
     def body() -> int:
-        from llmroom_cli.server import serve as run_server
+        from llmroom_cli.hub import serve as run_server
 
         code: int = run_server(host, port, participant_timeout, quiet, on_ready=announce if mdns else None)
         return code

@@ -412,7 +412,7 @@ def netns() -> Iterator[Netns]:
 
 HUB_IN_NS = """
 import sys
-from llmroom_cli.server import start_hub
+from llmroom_cli.hub import start_hub
 hub = start_hub(sys.argv[1], 0)
 print(hub.url, flush=True)
 sys.stdin.read()
