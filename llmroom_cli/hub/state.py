@@ -297,7 +297,7 @@ class HubState:
         """Add a room whose password is hashed already; Refused(507) past `max_rooms`."""
         with self.lock:
             if len(self._rooms) >= self.max_rooms:
-                raise Refused(507, f"Too many rooms on this hub (at most {self.max_rooms})")
+                raise Refused(507, f"Too many rooms on this hub (at most {self.max_rooms})", "LIMIT_EXCEEDED")
             code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(6))
             while code in self._rooms:
                 code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(6))
@@ -651,7 +651,7 @@ class HubState:
 
     def _room_has_space(self, room: Room, old: Participant | None) -> None:
         if old is None and len(room.participants) >= self.max_participants:
-            raise Refused(507, f"Room is full (at most {self.max_participants} participants)")
+            raise Refused(507, f"Room is full (at most {self.max_participants} participants)", "LIMIT_EXCEEDED")
 
     @staticmethod
     def _may_change(p: Participant | None, source: str, timeout_s: float) -> None:
