@@ -85,7 +85,11 @@ def _old_hub_dir(rev: str) -> str | None:
     """The old hub's server.py, checked out from git into a temp package (None when git cannot)."""
     try:
         text = subprocess.run(
-            ["git", "show", f"{rev}:llmroom_cli/server.py"], cwd=ROOT, capture_output=True, text=True, check=True
+            ["git", "show", f"{rev}:llmroom_cli/server.py"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -106,7 +110,9 @@ def _launch(name: str, port: int, old_dir: str | None) -> subprocess.Popen[str]:
         code = AIOHTTP_SERVER
     else:
         code = UVICORN_SERVER
-    proc = subprocess.Popen([sys.executable, "-c", code, str(port)], stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(port)], stderr=subprocess.PIPE, text=True, env=env
+    )
     assert proc.stderr is not None
     if not proc.stderr.readline():
         raise SystemExit(f"{name} did not start")
@@ -133,7 +139,9 @@ def _load(port: int, conns: int, seconds: float, procs: int) -> tuple[float, flo
     shares = [s for s in (conns // procs + (1 if i < conns % procs else 0) for i in range(procs)) if s]
     with mp.get_context("fork").Pool(len(shares)) as pool:
         jobs = [
-            pool.apply_async(_worker, (port, REQUEST, n, False, start_at, measure_from, measure_from + seconds))
+            pool.apply_async(
+                _worker, (port, REQUEST, n, False, start_at, measure_from, measure_from + seconds)
+            )
             for n in shares
         ]
         outs = [j.get(timeout=seconds + 60) for j in jobs]
@@ -158,7 +166,9 @@ def _import_s(module: str) -> float:
     samples = []
     for _ in range(5):
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", f"import {module}"], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        subprocess.run(
+            [sys.executable, "-c", f"import {module}"], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT))
+        )
         samples.append(time.perf_counter() - t)
     return statistics.median(samples)
 
@@ -176,8 +186,10 @@ def main() -> int:
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it too
-    print(f"# hub_servers: {os.cpu_count()} CPUs, {args.procs} load processes, {args.seconds:.0f} s/scenario,"
-          f" RLIMIT_NOFILE {soft} -> {hard}")
+    print(
+        f"# hub_servers: {os.cpu_count()} CPUs, {args.procs} load processes, {args.seconds:.0f} s/scenario,"
+        f" RLIMIT_NOFILE {soft} -> {hard}"
+    )
     old_dir = _old_hub_dir(args.old_rev)
     rows: list[dict[str, Any]] = []
     for name in args.servers.split(","):
@@ -211,13 +223,17 @@ def main() -> int:
                 proc.kill()
                 proc.wait()
     print()
-    print("| server | req/s @8 | p99 ms @8 | req/s @64 | p99 ms @64 | RSS idle MiB | idle conns held |"
-          " RSS then MiB | threads then | /health req/s @8 then | p99 ms then | import s |")
+    print(
+        "| server | req/s @8 | p99 ms @8 | req/s @64 | p99 ms @64 | RSS idle MiB | idle conns held |"
+        " RSS then MiB | threads then | /health req/s @8 then | p99 ms then | import s |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['server']} | {r['rps8']:.0f} | {r['p99_8']:.2f} | {r['rps64']:.0f} | {r['p99_64']:.2f} |"
-              f" {r['rss_idle']:.1f} | {r['held']} | {r['rss_conns']:.1f} | {r['threads']} |"
-              f" {r['rps_conns']:.0f} | {r['p99_conns']:.2f} | {r['import_s']:.3f} |")
+        print(
+            f"| {r['server']} | {r['rps8']:.0f} | {r['p99_8']:.2f} | {r['rps64']:.0f} | {r['p99_64']:.2f} |"
+            f" {r['rss_idle']:.1f} | {r['held']} | {r['rss_conns']:.1f} | {r['threads']} |"
+            f" {r['rps_conns']:.0f} | {r['p99_conns']:.2f} | {r['import_s']:.3f} |"
+        )
     return 0
 
 

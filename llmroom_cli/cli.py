@@ -328,7 +328,9 @@ def serve(
             try:
                 networks.append(ipaddress.ip_network(cidr, strict=False))
             except ValueError:
-                raise UsageError(f"--allow-relay-to {cidr!r}: expected a network such as 10.0.0.0/24") from None
+                raise UsageError(
+                    f"--allow-relay-to {cidr!r}: expected a network such as 10.0.0.0/24"
+                ) from None
         from llmroom_cli.hub import Limits
         from llmroom_cli.hub import serve as run_server
 

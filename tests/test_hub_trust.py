@@ -26,13 +26,20 @@ from llmroom_cli.hub.relay import _pick_address
 from llmroom_cli.hub.state import HubState, Refused, Target
 from tests.helpers import WAIT_S, wait_for
 from tests.test_hub_v06 import BODY, Participant, call, err, ok
-from tests.test_server_relay import FakeLLM
 from tests.test_server_contract import member
+from tests.test_server_relay import FakeLLM
 
 OTHER = "127.0.0.2"  # another client address on this machine
 
 
-def call_from(source: str, hub: RunningHub, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+def call_from(
+    source: str,
+    hub: RunningHub,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> Any:
     conn = http.client.HTTPConnection(hub.host, hub.port, timeout=WAIT_S, source_address=(source, 0))
     conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers or {})
     resp = conn.getresponse()
@@ -49,7 +56,9 @@ def llm() -> Iterator[FakeLLM]:
 
 
 def chat(hub: RunningHub, code: str, **body: Any) -> tuple[int, Any]:
-    status, data = call_from("127.0.0.1", hub, "POST", f"/rooms/{code}/v1/chat/completions", {"messages": [], **body})
+    status, data = call_from(
+        "127.0.0.1", hub, "POST", f"/rooms/{code}/v1/chat/completions", {"messages": [], **body}
+    )
     return status, data
 
 
@@ -88,7 +97,12 @@ def test_a_remote_joiner_is_relayed_to_only_at_its_own_address() -> None:
 def test_relay_refuses_endpoints_off_the_joining_address(hub: RunningHub, llm: FakeLLM, host: str) -> None:
     code = hub.state.create_room("r")["code"]
     port = llm.url.rsplit(":", 1)[1]
-    assert call_from("127.0.0.1", hub, "POST", f"/rooms/{code}/join", member(endpoint=f"http://{host}:{port}"))[0] == 201
+    assert (
+        call_from("127.0.0.1", hub, "POST", f"/rooms/{code}/join", member(endpoint=f"http://{host}:{port}"))[
+            0
+        ]
+        == 201
+    )
     status, data = chat(hub, code, model="p1")
     assert status == 403 and "--allow-relay-to" in data["error"]
     assert llm.requests == []
@@ -132,7 +146,12 @@ def test_an_endpoint_pointing_at_the_hub_is_one_request_not_thousands(hub: Runni
     assert status == 508 and "loop" in data["error"].lower()
     assert hub.requests_seen() == before + 1  # the chat request itself, and nothing it caused
     status, _ = call_from(
-        "127.0.0.1", hub, "POST", f"/rooms/{code}/v1/chat/completions", {"model": "p1"}, {"X-Llmroom-Relay": "1"}
+        "127.0.0.1",
+        hub,
+        "POST",
+        f"/rooms/{code}/v1/chat/completions",
+        {"model": "p1"},
+        {"X-Llmroom-Relay": "1"},
     )
     assert status == 508
 
@@ -178,7 +197,9 @@ def test_password_failures_are_rate_limited_per_source(hub: RunningHub) -> None:
         assert call_from("127.0.0.1", hub, "POST", path, member(password="guess"))[0] == 401
     status, data = call_from("127.0.0.1", hub, "POST", path, member(password="hunter22"))
     assert status == 429 and "Too many failed password attempts" in data["error"]
-    status, data = call_from("127.0.0.1", hub, "PUT", f"/v1/rooms/{code}/participants/x", {**BODY, "password": "guess"})
+    status, data = call_from(
+        "127.0.0.1", hub, "PUT", f"/v1/rooms/{code}/participants/x", {**BODY, "password": "guess"}
+    )
     assert status == 429 and data["error"]["code"] == "RATE_LIMITED"
     assert call_from(OTHER, hub, "POST", path, member(password="hunter22"))[0] == 201  # another source
 
@@ -204,7 +225,9 @@ def test_password_hashing_runs_at_most_two_at_once(hub: RunningHub, monkeypatch:
     results: list[int] = []
     threads = [
         threading.Thread(
-            target=lambda i=i: results.append(call_from("127.0.0.1", hub, "POST", f"/rooms/{code}/join", member(f"p{i}", password="pw"))[0])
+            target=lambda i=i: results.append(
+                call_from("127.0.0.1", hub, "POST", f"/rooms/{code}/join", member(f"p{i}", password="pw"))[0]
+            )
         )
         for i in range(8)
     ]
@@ -220,12 +243,19 @@ def test_password_hashing_runs_at_most_two_at_once(hub: RunningHub, monkeypatch:
 
 
 def test_rooms_participants_stored_sizes_and_buffered_answers_are_bounded(llm: FakeLLM) -> None:
-    limits = Limits(max_rooms=2, max_participants_per_room=2, max_stored_bytes=1000, max_buffered_answer_bytes=100)
+    limits = Limits(
+        max_rooms=2, max_participants_per_room=2, max_stored_bytes=1000, max_buffered_answer_bytes=100
+    )
     with start_hub(limits=limits) as hub:
         codes = [call(hub, "POST", "/rooms", {"name": f"r{i}"})[1]["room"]["code"] for i in range(2)]
         status, data, _ = call(hub, "POST", "/rooms", {"name": "one too many"})
         assert status == 507 and "Too many rooms" in data["error"]
-        err(call(hub, "POST", "/v1/rooms", {"name": "and here"}), 507, "LIMIT_EXCEEDED", "Too many rooms on this hub (at most 2)")
+        err(
+            call(hub, "POST", "/v1/rooms", {"name": "and here"}),
+            507,
+            "LIMIT_EXCEEDED",
+            "Too many rooms on this hub (at most 2)",
+        )
         code = codes[0]
         status, data, _ = call(hub, "POST", f"/rooms/{code}/join", member("big", specs={"blob": "x" * 2000}))
         assert status == 413
@@ -233,7 +263,9 @@ def test_rooms_participants_stored_sizes_and_buffered_answers_are_bounded(llm: F
             assert call(hub, "POST", f"/rooms/{code}/join", member(pid, endpoint=llm.url))[0] == 201
         status, data, _ = call(hub, "POST", f"/rooms/{code}/join", member("c"))
         assert status == 507 and "Room is full" in data["error"]
-        assert call(hub, "POST", f"/rooms/{code}/join", member("a", endpoint=llm.url))[0] == 201  # a rejoin fits
+        assert (
+            call(hub, "POST", f"/rooms/{code}/join", member("a", endpoint=llm.url))[0] == 201
+        )  # a rejoin fits
         big = "x" * 200  # FakeLLM echoes the model: an answer over the 100-byte bound
         hub.state.forget_participant(code, "b")
         call(hub, "POST", f"/rooms/{code}/join", member("b", model=big, endpoint=llm.url))
@@ -271,7 +303,7 @@ def test_slowloris_is_cut_at_the_header_deadline() -> None:
 def test_a_body_that_never_arrives_is_408() -> None:
     with start_hub(limits=Limits(body_timeout_s=0.3)) as hub:
         sock = socket.create_connection((hub.host, hub.port), timeout=WAIT_S)
-        sock.sendall(b"POST /rooms HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"name\"")
+        sock.sendall(b'POST /rooms HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"name"')
         answer = sock.recv(65536)
         assert answer.startswith(b"HTTP/1.1 408") and b"Connection: close" in answer
         sock.close()
@@ -313,10 +345,14 @@ def test_cross_origin_pages_may_read_and_chat_but_not_change_the_room(hub: Runni
     assert call_from("127.0.0.1", hub, "DELETE", f"/rooms/{code}/leave/p1", headers=evil)[0] == 403
     assert call_from("127.0.0.1", hub, "POST", f"/rooms/{code}/join", member("p2"), headers=evil)[0] == 403
     assert call_from("127.0.0.1", hub, "POST", "/rooms", {"name": "x"}, headers=evil)[0] == 403
-    assert call_from("127.0.0.1", hub, "PUT", f"/v1/rooms/{code}/participants/p3", BODY, headers=evil)[0] == 403
+    assert (
+        call_from("127.0.0.1", hub, "PUT", f"/v1/rooms/{code}/participants/p3", BODY, headers=evil)[0] == 403
+    )
     assert [p["id"] for p in hub.state.participants(code)] == ["p1"]
     assert call_from("127.0.0.1", hub, "GET", f"/rooms/{code}/participants", headers=evil)[0] == 200
-    status, data = call_from("127.0.0.1", hub, "POST", f"/rooms/{code}/v1/chat/completions", {"model": "p1"}, headers=evil)
+    status, data = call_from(
+        "127.0.0.1", hub, "POST", f"/rooms/{code}/v1/chat/completions", {"model": "p1"}, headers=evil
+    )
     assert (status, data["who"]) == (200, "A")  # dashboards may chat
     same = {"Origin": hub.url}
     assert call_from("127.0.0.1", hub, "DELETE", f"/rooms/{code}/leave/p1", headers=same)[0] == 200

@@ -103,7 +103,13 @@ class Participant:
             self.send({"type": "tunnel.response.end", "requestId": request_id})
 
     def chunk(self, request_id: str, data: bytes) -> None:
-        self.send({"type": "tunnel.response.chunk", "requestId": request_id, "chunk": base64.b64encode(data).decode()})
+        self.send(
+            {
+                "type": "tunnel.response.chunk",
+                "requestId": request_id,
+                "chunk": base64.b64encode(data).decode(),
+            }
+        )
 
     def close_code(self) -> tuple[int | None, str | None]:
         try:
@@ -144,7 +150,12 @@ def in_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
 
 
 def chat(hub: RunningHub, code: str, **body: Any) -> Any:
-    return call(hub, "POST", f"/rooms/{code}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], **body})
+    return call(
+        hub,
+        "POST",
+        f"/rooms/{code}/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], **body},
+    )
 
 
 # -- management API ----------------------------------------------------------------------------------
@@ -162,14 +173,33 @@ def test_health_rooms_and_envelopes(hub: RunningHub) -> None:
     assert ok(call(hub, "GET", f"/v1/rooms/{room['code'].lower()}")) == room
     err(call(hub, "GET", "/v1/rooms/NOPE00"), 404, "ROOM_NOT_FOUND", "Room not found.")
     err(call(hub, "GET", "/v1/rooms/NOPE00/participants"), 404, "ROOM_NOT_FOUND", "Room not found.")
-    for method, path in (("GET", "/v1/nope"), ("GET", "/v1/rooms/X/participants/p1"), ("GET", f"/v1/rooms/{room['code']}/participants/p1/heartbeat")):
+    for method, path in (
+        ("GET", "/v1/nope"),
+        ("GET", "/v1/rooms/X/participants/p1"),
+        ("GET", f"/v1/rooms/{room['code']}/participants/p1/heartbeat"),
+    ):
         err(call(hub, method, path), 404, "INVALID_REQUEST", "Route not found.")
 
 
 def test_room_defaults_are_checked_and_summarised(hub: RunningHub) -> None:
-    room = ok(call(hub, "POST", "/v1/rooms", {"name": "D", "defaults": {"temperature": 0.3, "max_tokens": 64, "instructions": "Answer briefly."}}))["room"]
+    room = ok(
+        call(
+            hub,
+            "POST",
+            "/v1/rooms",
+            {
+                "name": "D",
+                "defaults": {"temperature": 0.3, "max_tokens": 64, "instructions": "Answer briefly."},
+            },
+        )
+    )["room"]
     assert room["defaults"] == {"temperature": 0.3, "max_tokens": 64, "hasInstructions": True}
-    e = err(call(hub, "POST", "/v1/rooms", {"name": "Bad", "defaults": {"temperature": 5}}), 400, "INVALID_REQUEST", "Invalid room defaults.")
+    e = err(
+        call(hub, "POST", "/v1/rooms", {"name": "Bad", "defaults": {"temperature": 5}}),
+        400,
+        "INVALID_REQUEST",
+        "Invalid room defaults.",
+    )
     assert e["details"]["fieldErrors"] == {"temperature": ["Too big: expected number to be <=2"]}
     e = err(call(hub, "POST", "/v1/rooms", raw=b"{"), 400, "INVALID_REQUEST", "Invalid JSON body.")
     assert e["details"] == {"cause": "Failed to parse JSON"}
@@ -197,7 +227,9 @@ def test_put_creates_then_updates_with_a_new_token_each_time(hub: RunningHub, co
     status, data, _ = call(hub, "PUT", path, {**BODY, "nickname": "renamed"})
     assert status == 200
     second = data["data"]
-    assert second["participant"]["joinedAt"] == p["joinedAt"] and second["participant"]["nickname"] == "renamed"
+    assert (
+        second["participant"]["joinedAt"] == p["joinedAt"] and second["participant"]["nickname"] == "renamed"
+    )
     assert second["tunnel"]["token"] != first["tunnel"]["token"]
     # earlier tokens are not revoked: each opens a tunnel once
     for token in (first["tunnel"]["token"], second["tunnel"]["token"]):
@@ -211,12 +243,22 @@ def test_put_creates_then_updates_with_a_new_token_each_time(hub: RunningHub, co
     [
         ({"nickname": None}, "Missing required fields.", None),
         ({"endpoint": "not a url"}, "Invalid participant registration.", "endpoint"),
-        ({"capabilities": {"openResponses": "maybe"}}, "Invalid participant registration.", "capabilities.openResponses"),
+        (
+            {"capabilities": {"openResponses": "maybe"}},
+            "Invalid participant registration.",
+            "capabilities.openResponses",
+        ),
         ({"config": {"temperature": 3}}, "Invalid participant registration.", "config.temperature"),
-        ({"authHeaders": {"Authorization": "Bearer x"}}, "Participant auth headers are not accepted by the hub.", None),
+        (
+            {"authHeaders": {"Authorization": "Bearer x"}},
+            "Participant auth headers are not accepted by the hub.",
+            None,
+        ),
     ],
 )
-def test_put_refusals(hub: RunningHub, code: str, change: dict[str, Any], message: str, field: str | None) -> None:
+def test_put_refusals(
+    hub: RunningHub, code: str, change: dict[str, Any], message: str, field: str | None
+) -> None:
     body = {k: v for k, v in {**BODY, **change}.items() if v is not None}
     e = err(call(hub, "PUT", f"/v1/rooms/{code}/participants/p1", body), 400, "INVALID_REQUEST", message)
     if field is not None:
@@ -244,15 +286,27 @@ def test_heartbeat_follows_the_tunnel(hub: RunningHub, code: str) -> None:
     assert answer["success"] is True and answer["status"] == "offline"  # no tunnel yet
     tunnel = data["data"]["tunnel"]
     with connect(f"{tunnel['url']}?token={tunnel['token']}", open_timeout=WAIT_S):
-        wait_for(lambda: ok(call(hub, "GET", f"/v1/rooms/{code}/participants"))[0]["status"] == "online", "online")
+        wait_for(
+            lambda: ok(call(hub, "GET", f"/v1/rooms/{code}/participants"))[0]["status"] == "online", "online"
+        )
         assert ok(call(hub, "POST", beat))["status"] == "online"
     wait_for(lambda: ok(call(hub, "POST", beat))["status"] == "offline", "offline after the tunnel closed")
-    err(call(hub, "POST", f"/v1/rooms/{code}/participants/ghost/heartbeat"), 404, "PARTICIPANT_NOT_FOUND", "Participant not found.")
+    err(
+        call(hub, "POST", f"/v1/rooms/{code}/participants/ghost/heartbeat"),
+        404,
+        "PARTICIPANT_NOT_FOUND",
+        "Participant not found.",
+    )
 
 
 def test_delete_removes_and_closes_the_tunnel(hub: RunningHub, code: str, member: Participant) -> None:
     assert ok(call(hub, "DELETE", f"/v1/rooms/{code}/participants/p1")) == {"success": True}
-    err(call(hub, "DELETE", f"/v1/rooms/{code}/participants/p1"), 404, "PARTICIPANT_NOT_FOUND", "Participant not found.")
+    err(
+        call(hub, "DELETE", f"/v1/rooms/{code}/participants/p1"),
+        404,
+        "PARTICIPANT_NOT_FOUND",
+        "Participant not found.",
+    )
     assert member.close_code()[0] == 1000  # the reference orphans it; ours closes it
     assert ok(call(hub, "GET", f"/v1/rooms/{code}/participants")) == []
 
@@ -280,7 +334,12 @@ def test_tunnel_bootstrap_errors(hub: RunningHub, code: str) -> None:
     status, body = _upgrade_status(url.replace(code, "NOPE00") + "?token=" + token)
     assert (status, body["error"]["code"]) == (404, "ROOM_NOT_FOUND")
     # a plain GET is refused and does not use the token up
-    e = err(call(hub, "GET", f"/v1/rooms/{code}/participants/p1/tunnel?token={token}"), 400, "INTERNAL_ERROR", "Failed to upgrade the participant tunnel.")
+    e = err(
+        call(hub, "GET", f"/v1/rooms/{code}/participants/p1/tunnel?token={token}"),
+        400,
+        "INTERNAL_ERROR",
+        "Failed to upgrade the participant tunnel.",
+    )
     assert e["hint"]
     assert _upgrade_status(f"{url}?token={token}")[0] == 101
     assert _upgrade_status(f"{url}?token={token}")[0] == 401  # single use
@@ -302,8 +361,13 @@ def test_ping_pong_binary_and_ignored_messages(hub: RunningHub, code: str, membe
     member.send({"type": "tunnel.ping", "timestamp": 1})
     pong = member.recv()
     assert pong["type"] == "tunnel.pong" and pong["timestamp"] >= before
-    for junk in ("hello, not json", json.dumps({"type": "tunnel.bogus"}), json.dumps({"type": "tunnel.pong", "timestamp": 1}),
-                 json.dumps({"type": "tunnel.response.end", "requestId": "no-such"}), "[1, 2]"):
+    for junk in (
+        "hello, not json",
+        json.dumps({"type": "tunnel.bogus"}),
+        json.dumps({"type": "tunnel.pong", "timestamp": 1}),
+        json.dumps({"type": "tunnel.response.end", "requestId": "no-such"}),
+        "[1, 2]",
+    ):
         member.ws.send(junk)
     member.ws.send(json.dumps({"type": "tunnel.ping", "timestamp": 2}).encode())  # a binary frame
     assert member.recv()["type"] == "tunnel.pong"  # still open, nothing answered to the junk
@@ -327,7 +391,12 @@ def test_silent_tunnel_is_closed_with_4001_and_pongs_do_not_count() -> None:
         assert p.close_code() == (4001, "Tunnel heartbeat timed out.")
         stop.set()
         t.join(WAIT_S)
-        wait_for(lambda: ok(call(hub, "GET", f"/v1/rooms/{code}/participants"))[0]["connection"]["connected"] is False, "disconnected")
+        wait_for(
+            lambda: (
+                ok(call(hub, "GET", f"/v1/rooms/{code}/participants"))[0]["connection"]["connected"] is False
+            ),
+            "disconnected",
+        )
 
 
 def test_second_tunnel_supersedes_the_first(hub: RunningHub, code: str, member: Participant) -> None:
@@ -350,7 +419,17 @@ def test_hub_shutdown_sends_1001() -> None:
 
 
 def test_chat_through_the_tunnel_with_defaults_merged(hub: RunningHub) -> None:
-    room = ok(call(hub, "POST", "/v1/rooms", {"name": "D", "defaults": {"temperature": 0.3, "max_tokens": 64, "instructions": "Answer briefly."}}))["room"]["code"]
+    room = ok(
+        call(
+            hub,
+            "POST",
+            "/v1/rooms",
+            {
+                "name": "D",
+                "defaults": {"temperature": 0.3, "max_tokens": 64, "instructions": "Answer briefly."},
+            },
+        )
+    )["room"]["code"]
     p = Participant(hub, room, config={"temperature": 0.9})
     t, out = in_thread(lambda: chat(hub, room, model="p1"))
     req = p.request()
@@ -366,7 +445,9 @@ def test_chat_through_the_tunnel_with_defaults_merged(hub: RunningHub) -> None:
     p.answer(req["requestId"], 201, b'{"choices": ', b'[{"message": {"content": "ok"}}]}')
     t.join(WAIT_S)
     status, data, headers = out[0]
-    assert status == 201 and data == {"choices": [{"message": {"content": "ok"}}]}  # re-serialised, status kept
+    assert status == 201 and data == {
+        "choices": [{"message": {"content": "ok"}}]
+    }  # re-serialised, status kept
     assert headers["content-type"] == "application/json;charset=utf-8"
     p.close()
 
@@ -387,7 +468,10 @@ def test_busy_is_409_and_others_skip_it(hub: RunningHub, code: str, member: Part
     status, data, _ = chat(hub, code, model="p1")
     assert (status, data) == (409, {"error": "Participant is already handling another request."})
     for model in ("*", "model:fake-model"):
-        assert chat(hub, code, model=model)[:2] == (404, {"error": "No available participant for the requested model"})
+        assert chat(hub, code, model=model)[:2] == (
+            404,
+            {"error": "No available participant for the requested model"},
+        )
     member.answer(req["requestId"], 200, b"{}")
     t.join(WAIT_S)
     assert out[0][0] == 200
@@ -401,7 +485,14 @@ def test_no_tunnel_is_503(hub: RunningHub, code: str) -> None:
 def test_errors_from_the_participant(hub: RunningHub, code: str, member: Participant) -> None:
     t, out = in_thread(lambda: chat(hub, code, model="p1"))
     req = member.request()
-    member.send({"type": "tunnel.response.error", "requestId": req["requestId"], "stage": "proxy", "message": "fake provider exploded"})
+    member.send(
+        {
+            "type": "tunnel.response.error",
+            "requestId": req["requestId"],
+            "stage": "proxy",
+            "message": "fake provider exploded",
+        }
+    )
     t.join(WAIT_S)
     assert out[0][:2] == (502, {"error": "Failed to proxy request: Error: fake provider exploded"})
     t, out = in_thread(lambda: chat(hub, code, model="p1"))
@@ -428,14 +519,18 @@ def _close_streams() -> Iterator[None]:
         _OPEN.pop().close()
 
 
-def _stream_request(hub: RunningHub, code: str, body: dict[str, Any], path: str = "v1/chat/completions") -> http.client.HTTPResponse:
+def _stream_request(
+    hub: RunningHub, code: str, body: dict[str, Any], path: str = "v1/chat/completions"
+) -> http.client.HTTPResponse:
     conn = http.client.HTTPConnection(hub.host, hub.port, timeout=WAIT_S)
     _OPEN.append(conn)
     conn.request("POST", f"/rooms/{code}/{path}", body=json.dumps(body))
     return conn.getresponse()
 
 
-def test_stream_chunks_before_start_error_after_start(hub: RunningHub, code: str, member: Participant) -> None:
+def test_stream_chunks_before_start_error_after_start(
+    hub: RunningHub, code: str, member: Participant
+) -> None:
     t, out = in_thread(lambda: _stream_request(hub, code, {"model": "p1", "stream": True, "messages": []}))
     req = member.request()
     assert req["stream"] is True and req["body"]["stream"] is True
@@ -448,16 +543,23 @@ def test_stream_chunks_before_start_error_after_start(hub: RunningHub, code: str
     while b"one" not in got:
         got += resp.read1(65536)
     assert got == b"data: early\n\ndata: one\n\n"
-    member.send({"type": "tunnel.response.error", "requestId": req["requestId"], "stage": "proxy", "message": "cut"})
+    member.send(
+        {"type": "tunnel.response.error", "requestId": req["requestId"], "stage": "proxy", "message": "cut"}
+    )
     assert resp.read() == b""  # a clean end of the chunked body, as on the reference
 
 
-def test_client_gone_mid_stream_frees_the_participant(hub: RunningHub, code: str, member: Participant) -> None:
+def test_client_gone_mid_stream_frees_the_participant(
+    hub: RunningHub, code: str, member: Participant
+) -> None:
     events = SSE(hub, code)
     events.until("connected")
     sock = socket.create_connection((hub.host, hub.port), timeout=WAIT_S)
     body = json.dumps({"model": "p1", "stream": True}).encode()
-    sock.sendall(b"POST /rooms/%s/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (code.encode(), len(body), body))
+    sock.sendall(
+        b"POST /rooms/%s/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        % (code.encode(), len(body), body)
+    )
     req = member.request()
     member.answer(req["requestId"], 200, b"data: first\n\n", end=False)
     got = b""
@@ -466,7 +568,10 @@ def test_client_gone_mid_stream_frees_the_participant(hub: RunningHub, code: str
         assert piece, got
         got += piece
     sock.close()  # the client leaves in the middle of the stream
-    wait_for(lambda: ok(call(hub, "GET", f"/v1/rooms/{code}/participants"))[0]["status"] == "online", "the participant freed")
+    wait_for(
+        lambda: ok(call(hub, "GET", f"/v1/rooms/{code}/participants"))[0]["status"] == "online",
+        "the participant freed",
+    )
     for _ in range(5):  # late chunks for the gone client: dropped, the hub stays up (the reference crashes)
         member.chunk(req["requestId"], b"data: late\n\n")
     member.send({"type": "tunnel.response.end", "requestId": req["requestId"]})
@@ -496,12 +601,20 @@ def test_tunnel_drop_fails_the_request_in_flight(hub: RunningHub, code: str, mem
     t.join(WAIT_S)
     assert out[0][:2] == (502, {"error": "Failed to proxy request: Error: Participant tunnel disconnected."})
     p = ok(call(hub, "GET", f"/v1/rooms/{code}/participants"))[0]
-    assert p["status"] == "offline" and p["connection"] == {"kind": "tunnel", "connected": False, "lastTunnelSeenAt": None}
+    assert p["status"] == "offline" and p["connection"] == {
+        "kind": "tunnel",
+        "connected": False,
+        "lastTunnelSeenAt": None,
+    }
 
 
-def test_bad_json_and_missing_model_are_json_not_html(hub: RunningHub, code: str, member: Participant) -> None:
+def test_bad_json_and_missing_model_are_json_not_html(
+    hub: RunningHub, code: str, member: Participant
+) -> None:
     status, data, headers = call(hub, "POST", f"/rooms/{code}/v1/chat/completions", raw=b"{")
-    assert (status, data) == (400, {"error": "Invalid JSON body"}) and headers["content-type"].startswith("application/json")
+    assert (status, data) == (400, {"error": "Invalid JSON body"}) and headers["content-type"].startswith(
+        "application/json"
+    )
     status, data, _ = call(hub, "POST", f"/rooms/{code}/v1/chat/completions", {"messages": []})
     assert (status, data) == (404, {"error": "No available participant for the requested model"})
 
@@ -510,35 +623,69 @@ def test_bad_json_and_missing_model_are_json_not_html(hub: RunningHub, code: str
 
 
 def test_responses_native_then_fallback(hub: RunningHub, code: str, member: Participant) -> None:
-    t, out = in_thread(lambda: call(hub, "POST", f"/rooms/{code}/v1/responses", {"model": "p1", "input": "hi"}))
+    t, out = in_thread(
+        lambda: call(hub, "POST", f"/rooms/{code}/v1/responses", {"model": "p1", "input": "hi"})
+    )
     first = member.request()
     assert first["operation"] == "responses.create" and first["body"]["instructions"] == "You are a test."
     member.answer(first["requestId"], 404, b'{"error": {"message": "no route /v1/responses"}}')
     second = member.request()
     assert second["operation"] == "chat.completions.create"
-    assert second["body"]["messages"] == [{"role": "system", "content": "You are a test."}, {"role": "user", "content": "hi"}]
-    member.answer(second["requestId"], 200, json.dumps({"choices": [{"message": {"content": "Hello from fake"}}], "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}).encode())
+    assert second["body"]["messages"] == [
+        {"role": "system", "content": "You are a test."},
+        {"role": "user", "content": "hi"},
+    ]
+    member.answer(
+        second["requestId"],
+        200,
+        json.dumps(
+            {
+                "choices": [{"message": {"content": "Hello from fake"}}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+            }
+        ).encode(),
+    )
     t.join(WAIT_S)
     status, data, _ = out[0]
     assert status == 200 and data["object"] == "response" and data["output_text"] == "Hello from fake"
-    assert data["output"][0]["content"][0]["text"] == "Hello from fake" and data["usage"]["total_tokens"] == 10
+    assert (
+        data["output"][0]["content"][0]["text"] == "Hello from fake" and data["usage"]["total_tokens"] == 10
+    )
     status, data, _ = call(hub, "GET", f"/rooms/{code}/v1/responses/{data['id']}")
     assert status == 501 and "fallback" in data["error"]
 
 
 def test_responses_fallback_refuses_store_and_streams_events(hub: RunningHub, code: str) -> None:
     p = Participant(hub, code, capabilities={"openResponses": "unsupported", "chatCompletions": "supported"})
-    status, data, _ = call(hub, "POST", f"/rooms/{code}/v1/responses", {"model": "p1", "input": "hi", "store": True})
-    assert (status, data) == (400, {"error": "Responses -> chat/completions fallback does not support: store"})
-    t, out = in_thread(lambda: _stream_request(hub, code, {"model": "p1", "input": "hi", "stream": True}, "v1/responses"))
+    status, data, _ = call(
+        hub, "POST", f"/rooms/{code}/v1/responses", {"model": "p1", "input": "hi", "store": True}
+    )
+    assert (status, data) == (
+        400,
+        {"error": "Responses -> chat/completions fallback does not support: store"},
+    )
+    t, out = in_thread(
+        lambda: _stream_request(hub, code, {"model": "p1", "input": "hi", "stream": True}, "v1/responses")
+    )
     req = p.request()
     assert req["operation"] == "chat.completions.create"  # unsupported: no native attempt
-    deltas = [b'data: {"choices": [{"delta": {"content": "Hello"}}]}\n\n', b'data: {"choices": [{"delta": {"content": " from"}}]}\n\n', b"data: [DONE]\n\n"]
+    deltas = [
+        b'data: {"choices": [{"delta": {"content": "Hello"}}]}\n\n',
+        b'data: {"choices": [{"delta": {"content": " from"}}]}\n\n',
+        b"data: [DONE]\n\n",
+    ]
     p.answer(req["requestId"], 200, *deltas)
     t.join(WAIT_S)
     text = out[0].read().decode()
     kinds = re.findall(r"^event: (\S+)$", text, re.M)
-    assert kinds == ["response.created", "response.output_item.added", "response.output_text.delta", "response.output_text.delta", "response.output_item.done", "response.completed"]
+    assert kinds == [
+        "response.created",
+        "response.output_item.added",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_item.done",
+        "response.completed",
+    ]
     assert text.endswith("data: [DONE]\n\n") and '"output_text":"Hello from"' in text
     p.close()
 
@@ -558,7 +705,9 @@ class SSEv1(SSE):
 def test_v06_room_events(hub: RunningHub, code: str) -> None:
     events = SSEv1(hub, code)
     connected = events.until("connected")
-    assert connected["type"] == "connected" and connected["roomCode"] == code and connected["data"]["clientId"]
+    assert (
+        connected["type"] == "connected" and connected["roomCode"] == code and connected["data"]["clientId"]
+    )
     p = Participant(hub, code)
     joined = events.until("participant.joined")
     assert list(joined) == ["type", "timestamp", "roomCode", "data"] and joined["data"]["id"] == "p1"
@@ -568,7 +717,11 @@ def test_v06_room_events(hub: RunningHub, code: str) -> None:
     p.answer(req["requestId"], 200, b"{}")
     t.join(WAIT_S)
     request = events.until("llm.request")["data"]
-    assert request["participantId"] == "p1" and request["model"] == "p1" and request["protocol"] == "chatCompletions"
+    assert (
+        request["participantId"] == "p1"
+        and request["model"] == "p1"
+        and request["protocol"] == "chatCompletions"
+    )
     done = events.until("llm.complete")["data"]
     assert done["requestId"] == request["requestId"] and done["model"] == "fake-model"
     assert set(done["metrics"]) >= {"ttftMs", "durationMs"}
@@ -592,12 +745,25 @@ def test_both_generations_share_a_room(hub: RunningHub, code: str, member: Parti
     assert api("POST", f"/rooms/{code}/join", v01).status == 201
     old_api = api("GET", f"/rooms/{code}/participants").json()["participants"]
     assert [p["id"] for p in old_api] == ["p1", "old"]
-    assert set(old_api[0]) == {"id", "nickname", "model", "endpoint", "specs", "config", "status", "joinedAt", "lastSeen"}
+    assert set(old_api[0]) == {
+        "id",
+        "nickname",
+        "model",
+        "endpoint",
+        "specs",
+        "config",
+        "status",
+        "joinedAt",
+        "lastSeen",
+    }
     new_api = ok(call(hub, "GET", f"/v1/rooms/{code}/participants"))
     assert [p["id"] for p in new_api] == ["p1", "old"]
     assert new_api[1]["connection"]["kind"] == "http" and list(new_api[1]) == PARTICIPANT_KEYS
     models = api("GET", f"/rooms/{code}/v1/models").json()["data"]
-    assert {m["id"]: sorted(k for k in m if k.startswith("gambi")) for m in models} == {"p1": ["gambi"], "old": ["gambiarra"]}
+    assert {m["id"]: sorted(k for k in m if k.startswith("gambi")) for m in models} == {
+        "p1": ["gambi"],
+        "old": ["gambiarra"],
+    }
     rooms = api("GET", "/rooms").json()["rooms"]
     assert rooms[0]["participantCount"] == 2
     api.close()

@@ -28,14 +28,18 @@ async def stream(ctx: Context, request: web.BaseRequest, code: str, flavor: str)
     if listener is None:
         if flavor == V01:
             return error_v01(404, "Room not found")
-        return error_v06(404, "ROOM_NOT_FOUND", "Room not found.", "Run 'gambi room list' to inspect available rooms.")
+        return error_v06(
+            404, "ROOM_NOT_FOUND", "Room not found.", "Run 'gambi room list' to inspect available rooms."
+        )
     ctx.streams.add(wake)
     resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
     resp.enable_chunked_encoding()
     try:
         await resp.prepare(request)
         hello = {"clientId": nanoid()}
-        await resp.write(sse_v01("connected", hello) if flavor == V01 else sse_v06("connected", listener.code, hello))
+        await resp.write(
+            sse_v01("connected", hello) if flavor == V01 else sse_v06("connected", listener.code, hello)
+        )
         while not ctx.stopping:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wake.wait(), ctx.keepalive_s)
@@ -55,8 +59,8 @@ async def stream(ctx: Context, request: web.BaseRequest, code: str, flavor: str)
             if ended:
                 break
         await resp.write_eof()
-    except (ConnectionError, asyncio.CancelledError):
-        pass
+    except ConnectionError:
+        pass  # the client left: nothing to answer
     finally:
         ctx.streams.discard(wake)
         ctx.state.unsubscribe(listener)

@@ -25,7 +25,15 @@ from aiohttp import web
 
 from llmroom_cli.hub.context import Context
 from llmroom_cli.hub.state import NO_PARTICIPANT, V01, V06, Refused, Target, dumps
-from llmroom_cli.hub.wire import JSON_TYPE, BadRequest, depth, error_v01, json_response, parse_object, read_body
+from llmroom_cli.hub.wire import (
+    JSON_TYPE,
+    BadRequest,
+    depth,
+    error_v01,
+    json_response,
+    parse_object,
+    read_body,
+)
 
 LOOP_HEADER = "X-Llmroom-Relay"  # set on every relayed request; a request carrying it is refused (508)
 STREAM_HEADERS = {
@@ -92,7 +100,10 @@ async def _relay(
     ctx.state.emit(
         code,
         ("llm:request", {"participantId": target.id, "model": target.model}),
-        ("llm.request", {"requestId": request_id, "participantId": target.id, "model": wanted, "protocol": protocol}),
+        (
+            "llm.request",
+            {"requestId": request_id, "participantId": target.id, "model": wanted, "protocol": protocol},
+        ),
     )
     started = time.monotonic()
     meta = _Meta(ctx, code, target, request_id, protocol, started)
@@ -360,7 +371,9 @@ def _proxy_error(v01: bool, reason: str) -> str:
     return f"Failed to proxy request: {reason}" if v01 else f"Failed to proxy request: Error: {reason}"
 
 
-async def _buffer(ctx: Context, events: AsyncIterator[tuple[Any, ...]], first: tuple[Any, ...]) -> tuple[Any, ...]:
+async def _buffer(
+    ctx: Context, events: AsyncIterator[tuple[Any, ...]], first: tuple[Any, ...]
+) -> tuple[Any, ...]:
     """Read a whole non-streamed answer: ("ok", status, headers, bytes) or an error event, bounded in
     size (`max_buffered_answer_bytes`) and time (`upstream_answer_s`)."""
     deadline = time.monotonic() + ctx.limits.upstream_answer_s
@@ -390,7 +403,9 @@ async def _answer(
     v01: bool,
 ) -> web.StreamResponse:
     try:
-        first = await _next(events, ctx.limits.upstream_answer_s if not stream else ctx.limits.upstream_idle_s)
+        first = await _next(
+            events, ctx.limits.upstream_answer_s if not stream else ctx.limits.upstream_idle_s
+        )
         if first[0] == "timeout":
             meta.error("dispatch", "the participant did not answer in time")
             return error_v01(504, "Participant did not answer in time")
@@ -492,9 +507,12 @@ async def _responses(
 ) -> web.StreamResponse:
     target = meta.target
     if target.capabilities.get("openResponses") != "unsupported":
-        events = _tunnel_exchange(ctx, target, "responses.create", "/v1/responses", responses_body(data, target), stream)
+        events = _tunnel_exchange(
+            ctx, target, "responses.create", "/v1/responses", responses_body(data, target), stream
+        )
         first = await _next(events, ctx.limits.upstream_answer_s)
         if not (first[0] == "start" and first[1] in (404, 405, 501)):
+
             async def replay() -> AsyncIterator[tuple[Any, ...]]:
                 yield first
                 async for event in events:
@@ -505,7 +523,9 @@ async def _responses(
             await events.aclose()  # type: ignore[attr-defined]
     unsupported = [k for k in FALLBACK_UNSUPPORTED if data.get(k) not in (None, False)]
     if unsupported:
-        return error_v01(400, f"Responses -> chat/completions fallback does not support: {', '.join(unsupported)}")
+        return error_v01(
+            400, f"Responses -> chat/completions fallback does not support: {', '.join(unsupported)}"
+        )
     body = fallback_chat_body(data, target)
     events = _tunnel_exchange(ctx, target, "chat.completions.create", "/v1/chat/completions", body, stream)
     first = await _next(events, ctx.limits.upstream_answer_s)
@@ -557,7 +577,11 @@ def _response_object(chat: Any, model: str, text: str | None = None, usage: Any 
 
 
 async def _responses_stream(
-    ctx: Context, request: web.BaseRequest, meta: _Meta, events: AsyncIterator[tuple[Any, ...]], first: tuple[Any, ...]
+    ctx: Context,
+    request: web.BaseRequest,
+    meta: _Meta,
+    events: AsyncIterator[tuple[Any, ...]],
+    first: tuple[Any, ...],
 ) -> web.StreamResponse:
     """Chat-completion SSE chunks turned into Responses stream events."""
     resp = web.StreamResponse(status=first[1] if first[0] == "start" else 200, headers=STREAM_HEADERS)
@@ -569,12 +593,32 @@ async def _responses_stream(
 
     async def send(kind: str, payload: dict[str, Any]) -> None:
         nonlocal seq
-        await resp.write(f"event: {kind}\ndata: {dumps({'type': kind, 'sequence_number': seq, **payload})}\n\n".encode())
+        await resp.write(
+            f"event: {kind}\ndata: {dumps({'type': kind, 'sequence_number': seq, **payload})}\n\n".encode()
+        )
         seq += 1
 
-    shell = {"id": response_id, "created_at": int(time.time()), "model": model, "object": "response", "output": []}
+    shell = {
+        "id": response_id,
+        "created_at": int(time.time()),
+        "model": model,
+        "object": "response",
+        "output": [],
+    }
     await send("response.created", {"response": {**shell, "status": "in_progress"}})
-    await send("response.output_item.added", {"output_index": 0, "item": {"id": item_id, "type": "message", "role": "assistant", "status": "in_progress", "content": []}})  # noqa: E501
+    await send(
+        "response.output_item.added",
+        {
+            "output_index": 0,
+            "item": {
+                "id": item_id,
+                "type": "message",
+                "role": "assistant",
+                "status": "in_progress",
+                "content": [],
+            },
+        },
+    )  # noqa: E501
     text, usage, pending = "", None, b""
     event = first
     while True:
@@ -593,7 +637,10 @@ async def _responses_stream(
                     continue
                 if delta:
                     text += str(delta)
-                    await send("response.output_text.delta", {"output_index": 0, "item_id": item_id, "content_index": 0, "delta": str(delta)})  # noqa: E501
+                    await send(
+                        "response.output_text.delta",
+                        {"output_index": 0, "item_id": item_id, "content_index": 0, "delta": str(delta)},
+                    )  # noqa: E501
         elif event[0] != "start":
             break
         event = await _next(events, ctx.limits.upstream_idle_s)

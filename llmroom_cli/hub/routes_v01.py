@@ -10,7 +10,15 @@ from aiohttp import web
 from llmroom_cli.hub import events, relay
 from llmroom_cli.hub.context import Context
 from llmroom_cli.hub.state import V01, Refused, now_ms
-from llmroom_cli.hub.wire import BadRequest, depth, error_v01, json_response, parse_object, read_body, source_of
+from llmroom_cli.hub.wire import (
+    BadRequest,
+    depth,
+    error_v01,
+    json_response,
+    parse_object,
+    read_body,
+    source_of,
+)
 
 MISSING_JOIN_FIELDS = "Missing required fields: id, nickname, model, endpoint"
 
@@ -94,7 +102,9 @@ def validate_join(data: dict[str, Any], ctx: Context) -> None:
 
             stored += len(dumps(value))
     if stored > limits.max_stored_bytes:
-        raise BadRequest(413, f"Fields 'specs' and 'config' are too large (at most {limits.max_stored_bytes} bytes)")
+        raise BadRequest(
+            413, f"Fields 'specs' and 'config' are too large (at most {limits.max_stored_bytes} bytes)"
+        )
     _string(data, "password", limits.max_url_chars)
 
 

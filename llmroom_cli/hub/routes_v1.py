@@ -1,9 +1,9 @@
-"""The v0.6 (Gambi) `/v1` management API: `{data, meta}` / `{error, meta}` envelopes, PUT upsert, heartbeats."""
+"""The v0.6 (Gambi) `/v1` management API: `{data, meta}` and `{error, meta}` envelopes, PUT upsert."""
 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
@@ -37,8 +37,12 @@ def _refused(exc: Refused) -> web.Response:
 
 def _bad(exc: BadRequest) -> web.Response:
     if exc.message.startswith("Invalid JSON body"):
-        return error_v06(400, exc.code, "Invalid JSON body.", "Provide a valid JSON object and retry.", exc.details)
-    return error_v06(exc.status, exc.code, exc.message, exc.hint, exc.details if exc.status != 400 or exc.details else None)
+        return error_v06(
+            400, exc.code, "Invalid JSON body.", "Provide a valid JSON object and retry.", exc.details
+        )
+    return error_v06(
+        exc.status, exc.code, exc.message, exc.hint, exc.details if exc.status != 400 or exc.details else None
+    )
 
 
 async def dispatch(ctx: Context, request: web.BaseRequest, segs: list[str]) -> web.StreamResponse:
@@ -114,7 +118,11 @@ def _generation_config(raw: Any, errors: dict[str, list[str]], prefix: str = "")
                 out[key] = value
         elif key in ("max_tokens", "seed"):
             if isinstance(value, bool) or not isinstance(value, int) or (key == "max_tokens" and value <= 0):
-                errors[prefix + key] = ["Invalid input: expected a positive integer" if key == "max_tokens" else "Invalid input: expected int"]  # noqa: E501
+                errors[prefix + key] = [
+                    "Invalid input: expected a positive integer"
+                    if key == "max_tokens"
+                    else "Invalid input: expected int"
+                ]  # noqa: E501
             else:
                 out[key] = value
         elif key == "stop":
@@ -220,7 +228,9 @@ async def _put(ctx: Context, request: web.BaseRequest, code: str, pid: str) -> w
     elif caps_raw is not None:
         errors["capabilities"] = ["Invalid input: expected object"]
     if errors:
-        raise _field_errors(errors, "Invalid participant registration.", "Check the participant payload and retry.")
+        raise _field_errors(
+            errors, "Invalid participant registration.", "Check the participant payload and retry."
+        )
     instructions = config.pop("instructions", None)
     if len(dumps(specs)) + len(dumps(config)) + len(instructions or "") > limits.max_stored_bytes or (
         depth(config, limits.max_nesting) > limits.max_nesting
@@ -242,6 +252,6 @@ async def _put(ctx: Context, request: web.BaseRequest, code: str, pid: str) -> w
         code, pid, stored, source, ctx.participant_timeout_s, limits.tunnel_token_ttl_s
     )
     scheme = "wss" if request.secure else "ws"
-    url = f"{scheme}://{request.host}/v1/rooms/{room.code}/participants/{pid}/tunnel"
+    url = f"{scheme}://{request.host}/v1/rooms/{room.code}/participants/{quote(pid, safe='')}/tunnel"
     answer = {"participant": wire, "roomId": room_id, "tunnel": {"token": token, "url": url}}
     return envelope(201 if created else 200, answer)

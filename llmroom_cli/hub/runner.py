@@ -135,7 +135,9 @@ class Server:
     async def start(self) -> None:
         limits = self.config.limits
         self.loop = asyncio.get_running_loop()
-        self.ctx = Context(self.state, limits, self.config.participant_timeout_s, port=self.sock.getsockname()[1])
+        self.ctx = Context(
+            self.state, limits, self.config.participant_timeout_s, port=self.sock.getsockname()[1]
+        )
         self.ctx.keepalive_s = limits.sse_keepalive_s
         handler: Handler = self.handle
         if self.hooks is not None:
@@ -199,7 +201,9 @@ class Server:
                 resp.headers["Connection"] = "close"  # said for HTTP/1.0 too, as the old hub did
         if not self.config.quiet:
             ms = (time.perf_counter() - started) * 1000
-            self.log(f"{request.method} {_printable(request.raw_path.split('?', 1)[0])} {resp.status} {ms:.1f}ms")
+            self.log(
+                f"{request.method} {_printable(request.raw_path.split('?', 1)[0])} {resp.status} {ms:.1f}ms"
+            )
         return resp
 
     async def _route(self, request: web.BaseRequest) -> web.StreamResponse:

@@ -346,7 +346,9 @@ class HubState:
                         p.status = "offline"
                         marked += 1
                         gone = {"participantId": p.id}
-                        self._emit_locked(room.code, ("participant:offline", gone), ("participant.offline", gone))
+                        self._emit_locked(
+                            room.code, ("participant:offline", gone), ("participant.offline", gone)
+                        )
         return marked
 
     # -- lookups --------------------------------------------------------------------------------------
@@ -378,7 +380,7 @@ class HubState:
             return [p.wire_v06() for p in room.participants.values()]
 
     def models(self, code: str) -> list[dict[str, Any]] | None:
-        """`/rooms/:code/v1/models`: routable participants; v0.1 ones under `gambiarra`, v0.6 under `gambi`."""
+        """`/rooms/:code/v1/models`: routable ones, v0.1 ones under `gambiarra`, v0.6 under `gambi`."""
         with self.lock:
             room = self._rooms.get(code.upper())
             if room is None:
@@ -491,9 +493,13 @@ class HubState:
             room.tokens[token] = (pid, mono + token_ttl_s)
             wire = p.wire_v06()
             if old is None:
-                self._emit_locked(room.code, ("participant:joined", p.wire_v01()), ("participant.joined", wire))
+                self._emit_locked(
+                    room.code, ("participant:joined", p.wire_v01()), ("participant.joined", wire)
+                )
             else:
-                self._emit_locked(room.code, ("participant:joined", p.wire_v01()), ("participant.updated", wire))
+                self._emit_locked(
+                    room.code, ("participant:joined", p.wire_v01()), ("participant.updated", wire)
+                )
             return old is None, wire, room.id, token
 
     def heartbeat_v06(self, code: str, pid: str, source: str, timeout_s: float) -> dict[str, Any]:
@@ -578,7 +584,9 @@ class HubState:
                 chosen = random.choice(free) if free else None
             elif wanted.startswith("model:"):
                 name = wanted[6:]
-                chosen = next((p for p in room.participants.values() if p.model == name and p.routable()), None)
+                chosen = next(
+                    (p for p in room.participants.values() if p.model == name and p.routable()), None
+                )
             else:
                 by_id = room.participants.get(wanted)
                 if by_id is not None and not by_id.routable():
@@ -651,7 +659,9 @@ class HubState:
 
     def _room_has_space(self, room: Room, old: Participant | None) -> None:
         if old is None and len(room.participants) >= self.max_participants:
-            raise Refused(507, f"Room is full (at most {self.max_participants} participants)", "LIMIT_EXCEEDED")
+            raise Refused(
+                507, f"Room is full (at most {self.max_participants} participants)", "LIMIT_EXCEEDED"
+            )
 
     @staticmethod
     def _may_change(p: Participant | None, source: str, timeout_s: float) -> None:
@@ -665,7 +675,9 @@ class HubState:
         if p.generation == V06 and (p.tunnel is not None or alive):
             raise Refused(403, "Participant is held by another address", "PARTICIPANT_CONFLICT")
 
-    def _emit_locked(self, code: str | None, v01: tuple[str, Any] | None, v06: tuple[str, Any] | None) -> None:
+    def _emit_locked(
+        self, code: str | None, v01: tuple[str, Any] | None, v06: tuple[str, Any] | None
+    ) -> None:
         if not self._listeners:
             return
         encoded: dict[str, bytes] = {}

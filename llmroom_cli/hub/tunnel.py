@@ -19,6 +19,7 @@ import contextlib
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -58,9 +59,7 @@ class Tunnel:
         self.last_message = time.monotonic()
         self.closed = False
 
-    async def request(
-        self, operation: str, method: str, path: str, body: Any, stream: bool
-    ) -> Pending:
+    async def request(self, operation: str, method: str, path: str, body: Any, stream: bool) -> Pending:
         """Send one `tunnel.request`; the answer arrives on the returned Pending's queue."""
         if self.closed:
             raise ConnectionError(GONE)
@@ -137,7 +136,9 @@ class Tunnel:
             return  # no such request, or its client went away: a late message is dropped
         if kind == "tunnel.response.start":
             headers = message.get("headers")
-            pending.events.put_nowait(("start", message["status"], headers if isinstance(headers, dict) else {}))
+            pending.events.put_nowait(
+                ("start", message["status"], headers if isinstance(headers, dict) else {})
+            )
         elif kind == "tunnel.response.chunk":
             try:
                 data = base64.b64decode(message["chunk"], validate=True)
@@ -167,11 +168,23 @@ def _start_ok(m: dict[str, Any]) -> bool:
     return isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599
 
 
-_CHECKS = {
+def _chunk_ok(m: dict[str, Any]) -> bool:
+    return isinstance(m.get("chunk"), str)
+
+
+def _end_ok(m: dict[str, Any]) -> bool:
+    return True
+
+
+def _error_ok(m: dict[str, Any]) -> bool:
+    return isinstance(m.get("message"), str)
+
+
+_CHECKS: dict[str, Callable[[dict[str, Any]], bool]] = {
     "tunnel.response.start": _start_ok,
-    "tunnel.response.chunk": lambda m: isinstance(m.get("chunk"), str),
-    "tunnel.response.end": lambda m: True,
-    "tunnel.response.error": lambda m: isinstance(m.get("message"), str),
+    "tunnel.response.chunk": _chunk_ok,
+    "tunnel.response.end": _end_ok,
+    "tunnel.response.error": _error_ok,
 }
 
 _HINT_TOKEN = "Re-register the participant and retry the tunnel connection."
@@ -182,13 +195,18 @@ async def upgrade(ctx: Context, request: web.BaseRequest, code: str, pid: str) -
     token = request.query.get("token")
     if not token:
         return error_v06(
-            400, "INVALID_REQUEST", "Tunnel token is required.", "Reconnect using the bootstrap token returned during join."
+            400,
+            "INVALID_REQUEST",
+            "Tunnel token is required.",
+            "Reconnect using the bootstrap token returned during join.",
         )
     try:
         ctx.state.take_token(code, pid, token)
     except Refused as exc:
         if exc.status == 404 and exc.code == "ROOM_NOT_FOUND":
-            return error_v06(404, exc.code, "Room not found.", "Run 'gambi room list' to inspect available rooms.")
+            return error_v06(
+                404, exc.code, "Room not found.", "Run 'gambi room list' to inspect available rooms."
+            )
         if exc.status == 404:
             return error_v06(404, exc.code, "Participant not found.", "Check the participant id and retry.")
         return error_v06(401, "INVALID_REQUEST", exc.message, _HINT_TOKEN)
@@ -196,7 +214,9 @@ async def upgrade(ctx: Context, request: web.BaseRequest, code: str, pid: str) -
         max_msg_size=ctx.limits.max_tunnel_message_bytes, compress=False, autoping=True, autoclose=True
     )
     if not ws.can_prepare(request).ok:  # a plain GET: the token is not used up (as on the reference)
-        return error_v06(400, "INTERNAL_ERROR", "Failed to upgrade the participant tunnel.", "Retry the join operation.")
+        return error_v06(
+            400, "INTERNAL_ERROR", "Failed to upgrade the participant tunnel.", "Retry the join operation."
+        )
     ctx.state.use_token(code, pid, token)
     from llmroom_cli.hub.wire import source_of
 

@@ -126,6 +126,7 @@ async def read_body(request: web.BaseRequest, limits: Limits) -> bytes:
     connection after either answer (what is left of the body is drained for a moment, then dropped)."""
     if request.content_length is not None and request.content_length > limits.max_body_bytes:
         raise BadRequest(413, f"Request body too large (at most {limits.max_body_bytes} bytes)")
+
     async def whole() -> bytes:
         if request.headers.get("Expect", "").lower() == "100-continue" and request.content_length != 0:
             # What aiohttp's router does for `Expect` (the low-level server leaves it to the handler).
