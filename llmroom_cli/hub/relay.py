@@ -347,7 +347,7 @@ async def _tunnel_exchange(
         while True:
             event = await pending.events.get()
             if event[0] == "chunk":
-                pending.buffered -= len(event[1])
+                pending.taken(len(event[1]))
             yield event
             if event[0] in ("end", "error"):
                 return

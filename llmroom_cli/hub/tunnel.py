@@ -32,18 +32,32 @@ SUPERSEDED = (1000, "Superseded by a newer tunnel session.")
 SHUTDOWN = (1001, "Hub shutting down.")
 SILENT = (4001, "Tunnel heartbeat timed out.")
 GONE = "Participant tunnel disconnected."
+# Flow control: past HIGH_WATER_BYTES queued for one request (its client reads slower than the
+# participant sends), the hub stops reading the tunnel until that client has taken it down to
+# LOW_WATER_BYTES, so TCP pushes back on the participant and the hub's memory stays flat. A client
+# that takes nothing for `upstream_idle_s` has its request cut instead.
+HIGH_WATER_BYTES = 1 << 20
+LOW_WATER_BYTES = 256 << 10
 
 
 class Pending:
     """One request sent down a tunnel: what the participant answers, as events for the relay."""
 
-    __slots__ = ("request_id", "events", "buffered")
+    __slots__ = ("request_id", "events", "buffered", "drained")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         # ("start", status, headers) | ("chunk", bytes) | ("end",) | ("error", message)
         self.events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-        self.buffered = 0  # bytes queued and not yet taken by the relay (bounded)
+        self.buffered = 0  # bytes queued and not yet taken by the relay
+        self.drained = asyncio.Event()  # set while `buffered` is under the low-water mark
+        self.drained.set()
+
+    def taken(self, size: int) -> None:
+        """The relay took `size` bytes: once under the low-water mark, the tunnel reads on."""
+        self.buffered -= size
+        if self.buffered <= LOW_WATER_BYTES:
+            self.drained.set()
 
 
 class Tunnel:
@@ -87,6 +101,7 @@ class Tunnel:
     def forget(self, pending: Pending) -> None:
         """The relay is done with this request (or its client left): later messages for it are dropped."""
         self.pending.pop(pending.request_id, None)
+        pending.drained.set()
 
     async def close(self, code: int, reason: str) -> None:
         if self.closed:
@@ -145,12 +160,15 @@ class Tunnel:
             except (binascii.Error, ValueError):
                 return
             pending.buffered += len(data)
-            if pending.buffered > self.ctx.limits.max_buffered_answer_bytes:
-                # The client reads slower than the participant sends: cut this request, not the tunnel.
-                self.forget(pending)
-                pending.events.put_nowait(("error", "answer buffered past the hub's bound"))
-                return
             pending.events.put_nowait(("chunk", data))
+            if pending.buffered > HIGH_WATER_BYTES:
+                pending.drained.clear()
+                try:
+                    await asyncio.wait_for(pending.drained.wait(), self.ctx.limits.upstream_idle_s)
+                except asyncio.TimeoutError:  # its client takes nothing: cut this request, not the tunnel
+                    self.forget(pending)
+                    pending.events.put_nowait(("error", "the client stopped reading"))
+                self._alive()  # the participant was not silent: the hub was not reading
         elif kind == "tunnel.response.end":
             self.forget(pending)
             pending.events.put_nowait(("end",))
