@@ -178,8 +178,9 @@ def main() -> int:
             conn.getresponse().read()
         conn.close()
         joins_s = time.perf_counter() - started
+        rate = args.participants / joins_s
         print(
-            f"{args.participants} joins in {joins_s:.1f} s ({args.participants / joins_s:.0f}/s); RSS {_rss_mib(proc.pid):.1f} MiB"
+            f"{args.participants} joins in {joins_s:.1f} s ({rate:.0f}/s); RSS {_rss_mib(proc.pid):.1f} MiB"
         )
         code = _call(port, "POST", "/rooms", {"name": "stream"})["room"]["code"]
         _call(
@@ -200,7 +201,8 @@ def main() -> int:
             with Sampler(proc.pid) as s:
                 total, took = _read_stream(port, code, model)
             print(
-                f"{name}: {total / (1 << 20):.0f} MiB streamed in {took:.1f} s ({total / (1 << 20) / took:.0f} MiB/s);"
+                f"{name}: {total / (1 << 20):.0f} MiB streamed in {took:.1f} s"
+                f" ({total / (1 << 20) / took:.0f} MiB/s);"
                 f" hub RSS before {before:.1f}, during min {min(s.samples):.1f} max {max(s.samples):.1f} MiB"
             )
     finally:
@@ -211,7 +213,8 @@ def main() -> int:
     print(f"import aiohttp.web alone: {_import_s('import aiohttp.web'):.3f} s")
     check = (
         "import sys, llmroom_cli.cli, llmroom_cli.session, llmroom_cli.client; "
-        "print(sorted(m for m in ('aiohttp', 'llmroom_cli.hub', 'uvicorn', 'websockets') if m in sys.modules))"
+        "print(sorted(m for m in ('aiohttp', 'llmroom_cli.hub', 'uvicorn', 'websockets')"
+        " if m in sys.modules))"
     )
     out = subprocess.run(
         [sys.executable, "-c", check], capture_output=True, text=True, env=env, check=True
