@@ -10,7 +10,8 @@ Each server runs in its own process and answers `GET /health` with the hub's JSO
   support), access log and lifespan off;
 - `new hub` (when present): `llmroom_cli.hub.serve`, quiet.
 
-Figures: req/s, p50/p99 at 8 and 64 keep-alive connections (closed loop, load from several client
+Figures: req/s and p99 at 8 and 64 keep-alive connections, medians of `--rounds` rounds run interleaved
+across the servers (all up at once; closed loop, load from several client
 processes, hub_load.py's worker); RSS idle; RSS and `/health` p99 (8 connections) while `--idle`
 extra connections sit open doing nothing (the client raises RLIMIT_NOFILE soft to hard); the server's
 import time (`python -X importtime`-free: wall time of `python -c "import <module>"`, median of 5).
@@ -173,7 +174,7 @@ def _import_s(module: str) -> float:
     return statistics.median(samples)
 
 
-IMPORTS = {"aiohttp": "aiohttp.web", "uvicorn": "uvicorn", "new hub": "llmroom_cli.hub.runner"}
+IMPORTS = {"aiohttp": "aiohttp.web", "uvicorn": "uvicorn", "new hub": "llmroom_cli.hub"}
 
 
 def main() -> int:
@@ -181,7 +182,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--procs", type=int, default=3, help="load client processes")
     parser.add_argument("--idle", type=int, default=10_000, help="idle connections to hold")
-    parser.add_argument("--servers", default="old hub,aiohttp,uvicorn")
+    parser.add_argument("--servers", default="old hub,aiohttp,uvicorn,new hub")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--old-rev", default="3333793", help="git rev holding the old server.py")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -191,31 +193,42 @@ def main() -> int:
         f" RLIMIT_NOFILE {soft} -> {hard}"
     )
     old_dir = _old_hub_dir(args.old_rev)
+    names = [n for n in args.servers.split(",") if n != "old hub" or old_dir is not None]
+    procs: dict[str, tuple[subprocess.Popen[str], int]] = {}
     rows: list[dict[str, Any]] = []
-    for name in args.servers.split(","):
-        if name == "old hub" and old_dir is None:
-            continue
-        port = _free_port()
-        proc = _launch(name, port, old_dir)
-        try:
-            row: dict[str, Any] = {"server": name, "rss_idle": _rss_mib(proc.pid)}
+    try:
+        for name in names:  # all up at once; each is loaded in turn, round after round
+            port = _free_port()
+            procs[name] = (_launch(name, port, old_dir), port)
+        table = {n: {"server": n, "rss_idle": _rss_mib(procs[n][0].pid)} for n in names}
+        samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        for _ in range(args.rounds):  # interleaved, so a busy moment on a shared machine hits all alike
             for conns in (8, 64):
-                rps, p50, p99, errors = _load(port, conns, args.seconds, args.procs)
-                row[f"rps{conns}"], row[f"p50_{conns}"], row[f"p99_{conns}"] = rps, p50, p99
-                row[f"err{conns}"] = errors
+                for name in names:
+                    rps, _, p99, errors = _load(procs[name][1], conns, args.seconds, args.procs)
+                    samples.setdefault((name, conns), []).append((rps, p99))
+                    table[name][f"err{conns}"] = table[name].get(f"err{conns}", 0) + errors
+        for (name, conns), got in samples.items():
+            table[name][f"rps{conns}"] = statistics.median(r for r, _ in got)
+            table[name][f"p99_{conns}"] = statistics.median(p for _, p in got)
+            table[name][f"all{conns}"] = [round(r) for r, _ in got]
+        for name in names:
+            proc, port = procs[name]
+            row: dict[str, Any] = table[name]
             socks = _hold_idle(port, args.idle)
             time.sleep(1.0)  # let the server accept the backlog
             row["held"] = len(socks)
             row["rss_conns"] = _rss_mib(proc.pid)
             row["threads"] = _threads(proc.pid)
-            rps, _, p99, errors = _load(port, 8, max(1.0, args.seconds / 2), args.procs)
+            rps, _, p99, errors = _load(port, 8, max(1.0, args.seconds), args.procs)
             row["rps_conns"], row["p99_conns"], row["err_conns"] = rps, p99, errors
-            for s in socks:
-                s.close()
+            for sock in socks:
+                sock.close()
             row["import_s"] = _import_s(IMPORTS[name]) if name in IMPORTS else float("nan")
             rows.append(row)
             print(row, flush=True)
-        finally:
+    finally:
+        for proc, _ in procs.values():
             proc.terminate()
             try:
                 proc.wait(15)
