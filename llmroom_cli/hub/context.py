@@ -26,6 +26,8 @@ class Context:
     tunnels: set[Any] = field(default_factory=set)  # open tunnel.Tunnel objects (closed with 1001)
     streams: set[asyncio.Event] = field(default_factory=set)  # wake-ups of open event streams
     upstream: Any = None  # the aiohttp ClientSession of the v0.1 relay, made on first use
+    # Responses object id -> (room code, participant id, or None when the chat fallback made it)
+    responses: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     stopping: bool = False
 
     def __post_init__(self) -> None:

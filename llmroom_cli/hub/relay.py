@@ -66,11 +66,7 @@ async def handle(
     if ctx.state.room(code) is None:
         return error_v01(404, "Room not found")
     if route[0] == "responses" and len(route) > 1:
-        return error_v01(
-            501,
-            "This response was created via chat/completions fallback and does not support Responses"
-            " lifecycle operations",
-        )
+        return await _lifecycle(ctx, request, code, route)
     data = parse_object(body, ctx.limits)
     if depth(data, ctx.limits.max_nesting) > ctx.limits.max_nesting:
         raise BadRequest(400, "Request body is nested too deeply")
@@ -121,6 +117,50 @@ async def _relay(
     return await _answer(ctx, request, meta, events, stream, v01=False)
 
 
+_LIFECYCLE = {
+    ("GET", 2): "responses.get",
+    ("DELETE", 2): "responses.delete",
+    ("GET", 3): "responses.input_items",
+    ("POST", 3): "responses.cancel",
+}
+MAX_REMEMBERED_RESPONSES = 10_000
+
+
+def remember_response(ctx: Context, response_id: Any, code: str, pid: str | None) -> None:
+    """Which participant made a Responses object (None: the chat fallback made it), for lifecycle calls."""
+    if isinstance(response_id, str) and response_id:
+        ctx.responses[response_id] = (code.upper(), pid)
+        while len(ctx.responses) > MAX_REMEMBERED_RESPONSES:
+            ctx.responses.pop(next(iter(ctx.responses)))
+
+
+async def _lifecycle(
+    ctx: Context, request: web.BaseRequest, code: str, route: list[str]
+) -> web.StreamResponse:
+    """GET/DELETE `/v1/responses/:id`, GET `.../input_items`, POST `.../cancel`: to the participant that
+    made the response, through its tunnel (404 when unknown, 501 when the chat fallback made it)."""
+    made = ctx.responses.get(route[1])
+    if made is None or made[0] != code.upper():
+        return error_v01(404, "Response not found")
+    if made[1] is None:
+        return error_v01(
+            501,
+            "This response was created via chat/completions fallback and does not support Responses"
+            " lifecycle operations",
+        )
+    operation = _LIFECYCLE[(request.method, len(route))]
+    target = ctx.state.route(code, made[1])
+    try:
+        if target.generation != V06:
+            return error_v01(501, "This participant speaks chat completions only (joined with the v0.1 API)")
+        meta = _Meta(ctx, code, target, str(uuid.uuid4()), "openResponses", time.monotonic())
+        path = "/v1/" + "/".join(route)
+        events = _tunnel_exchange(ctx, target, operation, path, None, False, method=request.method)
+        return await _answer(ctx, request, meta, events, False, v01=False)
+    finally:
+        ctx.state.release(code, target)
+
+
 class _Meta:
     """What the room events of one request need."""
 
@@ -130,6 +170,7 @@ class _Meta:
         self.ctx, self.code, self.target = ctx, code, target
         self.request_id, self.protocol, self.started = request_id, protocol, started
         self.first_byte: float | None = None
+        self.remember = False  # a native responses.create: remember which participant made the answer
 
     def error(self, stage: str, reason: str) -> None:
         t = self.target
@@ -329,7 +370,13 @@ async def _http_exchange(
 
 
 async def _tunnel_exchange(
-    ctx: Context, target: Target, operation: str, path: str, body: dict[str, Any], stream: bool
+    ctx: Context,
+    target: Target,
+    operation: str,
+    path: str,
+    body: dict[str, Any] | None,
+    stream: bool,
+    method: str = "POST",
 ) -> AsyncIterator[tuple[Any, ...]]:
     """One `tunnel.request` to a v0.6 participant, as relay events."""
     from llmroom_cli.hub.tunnel import GONE, Tunnel
@@ -339,7 +386,7 @@ async def _tunnel_exchange(
         yield ("error", GONE)
         return
     try:
-        pending = await tunnel.request(operation, "POST", path, body, stream)
+        pending = await tunnel.request(operation, method, path, body, stream)
     except ConnectionError as exc:
         yield ("error", str(exc))
         return
@@ -445,6 +492,8 @@ def _buffered_answer(ctx: Context, meta: _Meta, whole: tuple[Any, ...], v01: boo
     except (ValueError, RecursionError, UnicodeDecodeError):
         meta.error("dispatch", "SyntaxError: Failed to parse JSON")
         return error_v01(502, "Failed to proxy request: SyntaxError: Failed to parse JSON")
+    if meta.remember and 200 <= status < 300 and isinstance(parsed, dict):
+        remember_response(ctx, parsed.get("id"), meta.code, meta.target.id)
     return json_response(status, parsed)
 
 
@@ -518,6 +567,7 @@ async def _responses(
                 async for event in events:
                     yield event
 
+            meta.remember = True
             return await _answer(ctx, request, meta, replay(), stream, v01=False)
         with contextlib.suppress(Exception):
             await events.aclose()  # type: ignore[attr-defined]
@@ -542,7 +592,9 @@ async def _responses(
         except (ValueError, UnicodeDecodeError):
             return _buffered_answer(ctx, meta, whole, v01=False)
         meta.complete()
-        return json_response(200, _response_object(chat, target.model))
+        made = _response_object(chat, target.model)
+        remember_response(ctx, made["id"], meta.code, None)
+        return json_response(200, made)
     return await _responses_stream(ctx, request, meta, events, first)
 
 
@@ -589,6 +641,7 @@ async def _responses_stream(
     await resp.prepare(request)
     model = meta.target.model
     response_id, item_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
+    remember_response(ctx, response_id, meta.code, None)
     seq = 0
 
     async def send(kind: str, payload: dict[str, Any]) -> None:

@@ -157,7 +157,7 @@ async def dispatch(ctx: Context, request: web.BaseRequest, segs: list[str]) -> w
             return json_response(200, {"object": "list", "data": models})
         if route == ("events",):
             return await events.stream(ctx, request, code, V01)
-        return await relay.handle(ctx, request, code, list(route[1:]), segs)
+        return await relay.handle(ctx, request, code, segs[3:], segs)
     except Refused as exc:
         return error_v01(exc.status, exc.message)
     except BadRequest as exc:

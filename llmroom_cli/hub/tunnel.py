@@ -113,14 +113,21 @@ class Tunnel:
     async def run(self) -> None:
         """Read participant messages until the socket closes; then fail whatever is still pending."""
         try:
-            async for msg in self.ws:
+            while True:
+                msg = await self.ws.receive()
                 if msg.type == WSMsgType.TEXT:
                     await self._handle(msg.data)
                 elif msg.type == WSMsgType.BINARY:
                     with contextlib.suppress(UnicodeDecodeError):
                         await self._handle(msg.data.decode("utf-8"))
-                elif msg.type == WSMsgType.ERROR:
+                elif msg.type == WSMsgType.CLOSE:  # the participant closed first: echo its code and reason
+                    self.closed = True
+                    with contextlib.suppress(Exception):
+                        reason = (msg.extra or "").encode()
+                        await asyncio.wait_for(self.ws.close(code=msg.data or 1000, message=reason), 2.0)
                     break
+                elif msg.type in (WSMsgType.ERROR, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    break  # 1009 for an oversized message is sent by aiohttp itself
         finally:
             self.closed = True
             for pending in list(self.pending.values()):
@@ -229,7 +236,7 @@ async def upgrade(ctx: Context, request: web.BaseRequest, code: str, pid: str) -
             return error_v06(404, exc.code, "Participant not found.", "Check the participant id and retry.")
         return error_v06(401, "INVALID_REQUEST", exc.message, _HINT_TOKEN)
     ws = web.WebSocketResponse(
-        max_msg_size=ctx.limits.max_tunnel_message_bytes, compress=False, autoping=True, autoclose=True
+        max_msg_size=ctx.limits.max_tunnel_message_bytes, compress=False, autoping=True, autoclose=False
     )
     if not ws.can_prepare(request).ok:  # a plain GET: the token is not used up (as on the reference)
         return error_v06(
