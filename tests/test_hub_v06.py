@@ -767,3 +767,24 @@ def test_both_generations_share_a_room(hub: RunningHub, code: str, member: Parti
     rooms = api("GET", "/rooms").json()["rooms"]
     assert rooms[0]["participantCount"] == 2
     api.close()
+
+
+def test_a_participant_close_is_echoed_and_an_oversized_message_is_1009(hub: RunningHub, code: str) -> None:
+    p = Participant(hub, code)
+    p.ws.close(1000, "bye")
+    assert p.ws.close_code == 1000 and p.ws.close_reason == "bye"  # the hub echoed code and reason
+    wait_for(
+        lambda: ok(call(hub, "GET", f"/v1/rooms/{code}/participants"))[0]["status"] == "offline", "offline"
+    )
+    p.close()
+    big = Participant(hub, code)
+    try:  # the hub may close with 1009 while the frame is still being sent
+        big.ws.send(
+            json.dumps({"type": "tunnel.ping", "pad": "x" * (hub.limits.max_tunnel_message_bytes + 1)})
+        )
+    except ConnectionClosed as exc:
+        assert exc.rcvd is not None and exc.rcvd.code == 1009
+        big.close()
+        return
+    assert big.close_code()[0] == 1009
+    big.close()
