@@ -2,7 +2,7 @@
 
 Run alone: python benchmarks/hub_big.py [--seconds 3] [--participants 10000]
 
-Reuses hub_load.py's machinery: each hub is `llmroom_cli.server.serve(..., quiet=True)` in its own
+Reuses hub_load.py's machinery: each hub is `llmroom_cli.hub.serve(..., quiet=True)` in its own
 process (what `llmroom serve -q` runs), and the load is `POST /rooms/CODE/health` from several client
 processes, closed loop, non-blocking sockets (see hub_load.py). The big room is filled through the HTTP
 API (`POST /rooms/CODE/join` on one keep-alive connection) with join bodies shaped like the CLI's, so

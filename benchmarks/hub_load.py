@@ -1,7 +1,7 @@
 """Load on the embedded hub's hot path: participant health checks (`POST /rooms/CODE/health`).
 
 Runs alone: `python benchmarks/hub_load.py [--seconds 3]`. Each server runs in its own process:
-`llmroom_cli.server.serve` (quiet), and two baselines measured in the same run:
+`llmroom_cli.hub.serve` (quiet), and two baselines measured in the same run:
 
 - `stdlib`: `http.server.ThreadingHTTPServer` + `BaseHTTPRequestHandler` with HTTP/1.1 (so keep-alive
   works at all) and logging off, reading the body and answering the same `{"success":true}` JSON;
@@ -94,7 +94,7 @@ def _call(port: int, method: str, path: str, body: dict[str, Any] | None = None)
 
 def start_hub_process() -> tuple[subprocess.Popen[str], int, str]:
     port = _free_port()
-    code = f"from llmroom_cli.server import serve; serve('127.0.0.1', {port}, 30.0, True)"
+    code = f"from llmroom_cli.hub import serve; serve('127.0.0.1', {port}, 30.0, True)"
     proc = _start([sys.executable, "-c", code])
     room = _call(port, "POST", "/rooms", {"name": "bench"})["room"]["code"]
     member = {"id": "bench", "nickname": "bench", "model": "m", "endpoint": "http://127.0.0.1:9"}

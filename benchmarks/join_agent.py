@@ -60,10 +60,10 @@ class Rig:
 
     def __init__(self) -> None:
         sys.path.insert(0, ROOT)
-        from llmroom_cli.server import start_hub
+        from llmroom_cli.hub import start_hub
         from llmroom_cli.standin import StandIn
 
-        self.hub = start_hub(port=0)
+        self.hub = start_hub(port=0, test_hooks=True)
         self.llm = StandIn()
         self.code: str = self.hub.state.create_room("bench")["code"]
         self.cfg = tempfile.TemporaryDirectory(prefix="llmroom-bench-cfg-")

@@ -2,7 +2,7 @@
 
 Run alone: python benchmarks/list_big.py [--quick] [--participants 10000]
 
-The hub runs in this process (`start_hub(port=0)`); the room is filled through `hub.state.join` with
+The hub runs in this process (`start_hub(port=0)`); the room is filled through `hub.state.join_v01` with
 join bodies shaped like the CLI's (specs with GPU, VRAM, RAM and the LLM, a generation config), so the
 body is about 5 MB, as it would be. Every figure is the median wall time of a subprocess, stdout on a
 pipe, next to the baseline measured in the same run: a `python -c` that GETs
@@ -108,13 +108,13 @@ def main() -> int:
     args = parser.parse_args()
     runs = 3 if args.quick else 7
     sys.path.insert(0, ROOT)
-    from llmroom_cli.server import start_hub
+    from llmroom_cli.hub import start_hub
 
     hub = start_hub(port=0)
     try:
         code = hub.state.create_room("big")["code"]
         for i in range(args.participants):
-            hub.state.join(code, body(i))
+            hub.state.join_v01(code, body(i), "127.0.0.1", 30.0)
         print(f"# list_big: {args.participants} participants, median of {runs} runs, stdout on a pipe")
         base, raw = timed([PY, "-c", RAW_GET, str(hub.port), code], runs)
         cli = [PY, "-m", "llmroom_cli", "list", code, "--hub", hub.url]

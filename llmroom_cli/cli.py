@@ -383,9 +383,18 @@ def serve(
         bool,
         typer.Option("--mdns", help="Announce the hub on the local network (as the reference hub does)."),
     ] = False,
+    allow_relay_to: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-relay-to",
+            metavar="CIDR",
+            help="Also relay to HTTP participants' endpoints in this network (repeatable); by default only"
+            " to the address each participant joined from.",
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Run the embedded hub (speaks the Gambiarra hub API) until Ctrl-C."""
+    """Run the embedded hub (v0.1 and v0.6 hub APIs) until Ctrl-C."""
 
     def announce(hub: Any) -> Callable[[], None] | None:
         from llmroom_cli.discovery import Announcement
@@ -399,9 +408,23 @@ def serve(
         return announcement.close
 
     def body() -> int:
-        from llmroom_cli.server import serve as run_server
+        import ipaddress
 
-        code: int = run_server(host, port, participant_timeout, quiet, on_ready=announce if mdns else None)
+        networks = []
+        for cidr in allow_relay_to or []:
+            try:
+                networks.append(ipaddress.ip_network(cidr, strict=False))
+            except ValueError:
+                raise UsageError(
+                    f"--allow-relay-to {cidr!r}: expected a network such as 10.0.0.0/24"
+                ) from None
+        from llmroom_cli.hub import Limits
+        from llmroom_cli.hub import serve as run_server
+
+        limits = Limits(allow_relay_to=tuple(networks))
+        code: int = run_server(
+            host, port, participant_timeout, quiet, on_ready=announce if mdns else None, limits=limits
+        )
         return code
 
     raise typer.Exit(_run(body, debug))

@@ -28,7 +28,7 @@ def run_demo(
     from llmroom_cli.client import HubClient
     from llmroom_cli.endpoints import normalize_endpoint
     from llmroom_cli.http import make_http
-    from llmroom_cli.server import start_hub
+    from llmroom_cli.hub import start_hub
     from llmroom_cli.standin import StandIn
 
     ep = normalize_endpoint(endpoint) if endpoint else None

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from llmroom_cli.server import RunningHub
+    from llmroom_cli.hub import RunningHub
 
 _SCRUBBED = (
     "HTTP_PROXY",
@@ -41,9 +41,9 @@ def _hermetic_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def hub() -> Iterator[RunningHub]:
     """A real embedded hub on an ephemeral port, stopped after the test."""
-    from llmroom_cli.server import start_hub
+    from llmroom_cli.hub import start_hub
 
-    with start_hub(port=0) as running:
+    with start_hub(port=0, test_hooks=True) as running:
         yield running
 
 

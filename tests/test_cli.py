@@ -10,11 +10,14 @@ import sys
 import pytest
 
 from llmroom_cli import __version__
-from llmroom_cli.server import RunningHub
+from llmroom_cli.hub import RunningHub
 from llmroom_cli.standin import StandIn
 from tests.helpers import cli
 
-HEAVY = ("httpx", "rich", "psutil", "pynvml", "llmroom_cli.server", "zeroconf", "websockets")
+HEAVY = (
+    "httpx", "rich", "psutil", "pynvml", "llmroom_cli.server", "llmroom_cli.hub", "aiohttp", "zeroconf",
+    "websockets",
+)
 
 
 def test_version() -> None:

@@ -30,7 +30,7 @@ from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 from llmroom_cli import discovery
 from llmroom_cli.discovery import SERVICE_TYPE, Announcement, FoundHub, MulticastError
 from llmroom_cli.errors import HubUnavailable, UsageError
-from llmroom_cli.server import RunningHub, start_hub
+from llmroom_cli.hub import RunningHub, start_hub
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT_S = 10.0  # a hang guard: the waits below return as soon as their condition holds
@@ -383,7 +383,7 @@ def test_a_second_hub_on_the_same_port_gets_another_name() -> None:
 ANNOUNCER = """
 import sys
 from llmroom_cli.discovery import Announcement
-from llmroom_cli.server import start_hub
+from llmroom_cli.hub import start_hub
 hub = start_hub(host=sys.argv[1], port=0)
 with Announcement(hub.port, host=sys.argv[1]) as announcement:
     assert announcement.wait(10.0)

@@ -12,7 +12,7 @@ import pytest
 
 from llmroom_cli import __version__
 from llmroom_cli.doctor import Check, Report, build_report, env_names
-from llmroom_cli.server import RunningHub, start_hub
+from llmroom_cli.hub import RunningHub, start_hub
 from llmroom_cli.specs import MachineSpecs, SpecRow
 from tests.fake_llm_servers import FakeLLMServer
 

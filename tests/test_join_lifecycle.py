@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from llmroom_cli.server import RunningHub, start_hub
+from llmroom_cli.hub import RunningHub, start_hub
 from llmroom_cli.standin import MODEL, StandIn
 from tests.helpers import Agent, cli, wait_for
 

@@ -436,7 +436,7 @@ def test_a_skip_after_the_namespace_exists_leaves_nothing_behind(monkeypatch: py
 
 HUB_IN_NS = """
 import sys
-from llmroom_cli.server import start_hub
+from llmroom_cli.hub import start_hub
 hub = start_hub(sys.argv[1], 0)
 print(hub.url, flush=True)
 sys.stdin.read()

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import pytest
 
 from llmroom_cli.errors import LlmroomError
-from llmroom_cli.server import (
+from llmroom_cli.hub import (
     MISSING_JOIN_FIELDS,
     HubState,
     ListenError,
@@ -614,12 +614,12 @@ def test_expect_100_continue(hub: RunningHub) -> None:
     [
         b"GARBAGE\r\n\r\n",
         b"GET /health HTTP/2.0\r\n\r\n",
-        b"GET health HTTP/1.1\r\n\r\n",
-        b"GET /health HTTP/1.1\r\nno colon here\r\n\r\n",
-        b"POST /rooms HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
-        b"POST /rooms HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-        b"POST /rooms HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
-        b"GET /health HTTP/1.1\r\nX: " + b"a" * 70_000 + b"\r\n\r\n",
+        b"GET health HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+        b"POST /rooms HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"POST /rooms HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"POST /rooms HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70_000 + b"\r\n\r\n",
     ],
 )
 def test_malformed_requests_get_json_4xx_or_5xx_protocol_errors_and_a_close(
@@ -666,7 +666,7 @@ def test_http_1_0_closes(hub: RunningHub) -> None:
 
 def test_connection_close_is_honoured(hub: RunningHub) -> None:
     sock = raw_socket(hub)
-    sock.sendall(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert read_response(sock, bytearray()).headers["connection"] == "close"
     assert read_until_closed(sock) == b""
     sock.close()
@@ -899,7 +899,7 @@ def test_quiet_logs_nothing() -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_serve_stops_cleanly_on_signal(sig: int) -> None:
-    code = "import sys; from llmroom_cli.server import serve; sys.exit(serve('127.0.0.1', 0, 30.0, False))"
+    code = "import sys; from llmroom_cli.hub import serve; sys.exit(serve('127.0.0.1', 0, 30.0, False))"
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=dict(os.environ)
     )
@@ -910,7 +910,7 @@ def test_serve_stops_cleanly_on_signal(sig: int) -> None:
         assert match, line
         port = int(match.group(1))
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as s:
-            s.sendall(b"GET /health HTTP/1.1\r\n\r\n")
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_response(s, bytearray()).status == 200
         proc.send_signal(sig)
         rest = proc.stderr.read()

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmroom_cli.server import RunningHub, start_hub
+from llmroom_cli.hub import RunningHub, start_hub
 from tests.helpers import WAIT_S
 from tests.test_server_contract import dead_port
 
@@ -95,7 +95,10 @@ def test_any_request_is_answered_below_500_with_json(
         return
     data: Any = json.loads(payload)
     assert isinstance(data, dict)
-    if resp.status >= 400:
+    if resp.status >= 400 and segs[:1] == ["v1"] and isinstance(data.get("error"), dict):
+        # the v0.6 API answers {"error": {code, message}, "meta"} (a protocol error is still v0.1-shaped)
+        assert isinstance(data["error"]["code"], str) and isinstance(data["error"]["message"], str)
+    elif resp.status >= 400:
         assert isinstance(data.get("error"), str)
     assert resp.getheader("Access-Control-Allow-Origin") == "*"
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from llmroom_cli.server import NO_PARTICIPANT, RunningHub
+from llmroom_cli.hub import NO_PARTICIPANT, RunningHub
 from tests.helpers import WAIT_S
 from tests.test_server_contract import SSE, Http, dead_port, member
 
