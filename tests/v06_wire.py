@@ -13,8 +13,10 @@ Every call has a deadline for the whole exchange (`timeout_s`); nothing here ret
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -354,8 +356,8 @@ class EventReader:
                         doc = json.loads(line[5:])
                         doc["_event"] = event_name
                         self.events.append(doc)
-        except (httpx.HTTPError, RuntimeError):
-            pass
+        except (httpx.HTTPError, RuntimeError, OSError, ValueError):
+            pass  # closed by close(), or cut by the hub
         finally:
             self._ready.set()
             self._done.set()
@@ -364,5 +366,13 @@ class EventReader:
         return [e for e in list(self.events) if e.get("type") == type_]
 
     def close(self) -> None:
+        """Stop reading: closing the response from here ends the reader thread's blocking read."""
+        if self._response is not None:
+            stream = self._response.extensions.get("network_stream")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # a blocking read elsewhere returns at once
+        self._done.wait(TIMEOUT_S)
         self._client.close()
         self._done.wait(TIMEOUT_S)
