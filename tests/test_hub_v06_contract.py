@@ -33,7 +33,7 @@ import pytest
 
 from tests.fake_gambi_v06 import FakeGambiV06
 from tests.helpers import wait_for
-from tests.v06_wire import PARTICIPANT, Answer, EventReader, Inference, Mgmt, TunnelPeer
+from tests.v06_wire import PARTICIPANT, Answer, EventReader, Inference, Mgmt, TunnelPeer, parse_recording
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gambi-v06"
 ROUTE_NOT_FOUND = {
@@ -82,6 +82,40 @@ class Hub:
 
 
 HubFactory = Callable[..., Hub]
+# The fake's setting names -> other names llmroom's hub may give them (a start_hub argument, or a field
+# of its `Limits`): the first one found is used.
+LLMROOM_ALIASES = {
+    "tunnel_timeout_s": ("tunnel_timeout_s", "tunnel_silence_s"),
+    "sweep_interval_s": ("sweep_interval_s", "tunnel_sweep_s"),
+    "token_ttl_s": ("token_ttl_s", "tunnel_token_ttl_s"),
+    "participant_timeout_s": ("participant_timeout_s",),
+    "client_idle_timeout_s": ("client_idle_timeout_s",),
+}
+
+
+def _llmroom_settings(hub_mod: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """start_hub keyword arguments for the fake's settings, or skip when the hub has no such knob."""
+    params = inspect.signature(hub_mod.start_hub).parameters
+    limits_cls = getattr(hub_mod, "Limits", None)
+    if limits_cls is None:
+        limits_mod = getattr(hub_mod, "limits", None)
+        limits_cls = getattr(limits_mod, "Limits", None)
+    limit_fields = set(inspect.signature(limits_cls).parameters) if limits_cls is not None else set()
+    kwargs: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    for name, value in settings.items():
+        for alias in LLMROOM_ALIASES.get(name, (name,)):
+            if alias in params and alias != "limits":
+                kwargs[alias] = value
+                break
+            if alias in limit_fields and "limits" in params:
+                limits[alias] = value
+                break
+        else:
+            pytest.skip(f"llmroom_cli.hub.start_hub has no setting for {name}")
+    if limits:
+        kwargs["limits"] = limits_cls(**limits)  # type: ignore[misc]
+    return kwargs
 
 
 @pytest.fixture(params=["fake-reference", "llmroom"])
@@ -96,12 +130,8 @@ def make_hub(request: pytest.FixtureRequest) -> Iterator[HubFactory]:
             stops.append(fake.stop)
             return Hub(kind, fake.url, fake.stop, fake)
         hub_mod = pytest.importorskip("llmroom_cli.hub")
-        params = inspect.signature(hub_mod.start_hub).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        missing = [k for k in settings if k not in params]
-        if missing and not takes_any:
-            pytest.skip(f"llmroom_cli.hub.start_hub takes no {', '.join(missing)}")
-        running = hub_mod.start_hub(port=0, **settings)
+        kwargs = _llmroom_settings(hub_mod, settings)
+        running = hub_mod.start_hub(port=0, **kwargs)
         stops.append(running.stop)
         return Hub(kind, str(running.url), running.stop)
 
@@ -1246,9 +1276,11 @@ def test_llmroom_only_liveness_timeouts_are_settings(hub: Hub) -> None:
     only_llmroom(hub)
     import llmroom_cli.hub as hub_mod
 
-    params = inspect.signature(hub_mod.start_hub).parameters
     for name in ("tunnel_timeout_s", "sweep_interval_s", "token_ttl_s"):
-        assert name in params, f"start_hub has no {name}"
+        try:
+            _llmroom_settings(hub_mod, {name: 1.0})
+        except pytest.skip.Exception:
+            pytest.fail(f"llmroom's hub has no setting for {name}")
 
 
 def test_llmroom_only_rooms_are_shared_between_generations(
@@ -1267,3 +1299,73 @@ def test_llmroom_only_rooms_are_shared_between_generations(
     v01 = mgmt.call("GET", f"/rooms/{code}/participants").json()
     assert v06_ids == {"legacy-1", "tunnel-1"}
     assert {p["id"] for p in v01["participants"]} == {"legacy-1", "tunnel-1"}
+
+
+# ---- the recording, replayed ------------------------------------------------------------------------
+
+# Conns of tunnel-client-wire.txt whose answer depends on the reference not revoking older tokens.
+TOKEN_QUIRK_CONNS = {84, 86}
+
+
+def test_the_recorded_management_and_bootstrap_session_replays(hub: Hub, mgmt: Mgmt) -> None:
+    """tunnel-client-wire.txt up to the tunnel that carries the inference: same answers, call by call.
+
+    Room codes and tokens are mapped from the recorded answers to the live ones. Status and error
+    `code` must match on both hubs; the fake must match error messages too.
+    """
+    exchanges = parse_recording((FIXTURES / "tunnel-client-wire.txt").read_text())
+    codes: dict[str, str] = {}
+    tokens: dict[str, str] = {}
+    replayed = 0
+    peers: list[TunnelPeer] = []
+    for ex in exchanges:
+        if ex.conn > 86:
+            break
+        if ex.conn in TOKEN_QUIRK_CONNS and hub.fake is None:
+            continue
+        target = ex.target
+        for old, new in (*codes.items(), *tokens.items()):
+            target = target.replace(old, new)
+        where = f"conn {ex.conn}: {ex.method} {ex.target}"
+        if ex.status == 101:
+            peer = TunnelPeer.open(mgmt.base_url.replace("http", "ws", 1) + target)
+            peers.append(peer)
+            if ex.conn != 86:
+                peer.close()
+            replayed += 1
+            continue
+        if ex.upgrade:
+            status, body = mgmt.upgrade_refusal(*_tunnel_parts(target))
+            answer_doc: Any = body
+        else:
+            a = mgmt.call(ex.method, target, raw=ex.request_body)
+            status, answer_doc = a.status, (a.json() if a.body else None)
+        assert status == ex.status, (where, answer_doc)
+        recorded = ex.response_json()
+        if isinstance(recorded, dict) and "error" in recorded:
+            assert answer_doc["error"]["code"] == recorded["error"]["code"], where
+            if hub.fake is not None:
+                assert answer_doc["error"]["message"] == recorded["error"]["message"], where
+        if isinstance(recorded, dict) and isinstance(recorded.get("data"), dict):
+            data = recorded["data"]
+            if "room" in data:
+                live = answer_doc["data"]["room"]["code"]
+                codes[data["room"]["code"]] = live
+                codes[data["room"]["code"].lower()] = live.lower()
+            if "tunnel" in data:
+                tokens[data["tunnel"]["token"]] = answer_doc["data"]["tunnel"]["token"]
+            if "status" in data and "success" in data:
+                assert answer_doc["data"]["status"] == data["status"], where
+        replayed += 1
+    assert replayed >= 40
+    if hub.fake is not None:
+        assert mgmt.heartbeat(codes["ZZEZHF"], "p1").data["status"] == "online"  # conn 87
+    for peer in peers:
+        if not peer.closed:
+            peer.close()
+
+
+def _tunnel_parts(target: str) -> tuple[str, str, str | None]:
+    m = re.match(r"^/v1/rooms/([^/]+)/participants/([^/]+)/tunnel(?:\?token=(.*))?$", target)
+    assert m is not None, target
+    return m.group(1), m.group(2), m.group(3)

@@ -16,6 +16,7 @@ import base64
 import contextlib
 import json
 import queue
+import re
 import socket
 import threading
 import time
@@ -376,3 +377,59 @@ class EventReader:
         self._done.wait(TIMEOUT_S)
         self._client.close()
         self._done.wait(TIMEOUT_S)
+
+
+@dataclass
+class Exchange:
+    """One HTTP request and its answer, as a wire recording shows them."""
+
+    conn: int
+    at_s: float
+    method: str
+    target: str
+    request_body: bytes | None
+    status: int | None = None
+    response_body: str | None = None
+    upgrade: bool = False  # the request asked for a WebSocket
+
+    def response_json(self) -> Any:
+        try:
+            return json.loads(self.response_body or "")
+        except ValueError:
+            return None
+
+
+_LINE = re.compile(r"^\s*(\d+\.\d+) \[conn (\d+)\] (HTTP >>|HTTP <<|WS|TCP) ?(.*)$")
+
+
+def parse_recording(text: str) -> list[Exchange]:
+    """The HTTP exchanges of a recording in tests/fixtures/gambi-v06/ (WebSocket frames left out)."""
+    exchanges: list[Exchange] = []
+    open_by_conn: dict[int, Exchange] = {}
+    current: Exchange | None = None
+    side = ""
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if m:
+            at_s, conn, kind, rest = float(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
+            current, side = None, ""
+            if kind == "HTTP >>":
+                method, target, _version = rest.split(" ", 2)
+                current = Exchange(conn, at_s, method, target, None)
+                exchanges.append(current)
+                open_by_conn[conn] = current
+                side = "request"
+            elif kind == "HTTP <<" and conn in open_by_conn:
+                current = open_by_conn.pop(conn)
+                current.status = int(rest.split(" ")[1])
+                side = "response"
+            continue
+        stripped = line.strip()
+        if current is not None and side == "request" and stripped.lower() == "upgrade: websocket":
+            current.upgrade = True
+        if current is not None and stripped.startswith("body: "):
+            if side == "request":
+                current.request_body = stripped[len("body: ") :].encode()
+            else:
+                current.response_body = stripped[len("body: ") :]
+    return exchanges
