@@ -33,7 +33,17 @@ import pytest
 
 from tests.fake_gambi_v06 import FakeGambiV06
 from tests.helpers import wait_for
-from tests.v06_wire import PARTICIPANT, Answer, EventReader, Inference, Mgmt, TunnelPeer, parse_recording
+from tests.v06_wire import (
+    PARTICIPANT,
+    Answer,
+    EventReader,
+    Exchange,
+    Inference,
+    Mgmt,
+    TunnelPeer,
+    parse_recording,
+    parse_timeline,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gambi-v06"
 ROUTE_NOT_FOUND = {
@@ -1369,3 +1379,70 @@ def _tunnel_parts(target: str) -> tuple[str, str, str | None]:
     m = re.match(r"^/v1/rooms/([^/]+)/participants/([^/]+)/tunnel(?:\?token=(.*))?$", target)
     assert m is not None, target
     return m.group(1), m.group(2), m.group(3)
+
+
+def test_the_recorded_inference_session_replays_through_a_tunnel(
+    hub: Hub, mgmt: Mgmt, inference: Inference, peers: list[TunnelPeer], pool: ThreadPoolExecutor
+) -> None:
+    """tunnel-client-wire.txt 2.64-3.01 s: client calls and the participant's recorded frames.
+
+    The test plays the recorded participant (answers taken frame by frame from the recording, request
+    ids mapped) and the recorded client; each forwarded `tunnel.request` and each client answer must
+    be the recorded one: chat, stream, `model:`/`*`/plain routing, Responses native and streamed,
+    and the Responses lifecycle calls.
+    """
+    timeline = parse_timeline((FIXTURES / "tunnel-client-wire.txt").read_text())
+    first = next(i for i, e in enumerate(timeline) if isinstance(e, Exchange) and e.conn == 88)
+    last = next(e.answered_after for e in timeline if isinstance(e, Exchange) and e.conn == 99)
+    code = mgmt.create_room()
+    peer = online(mgmt, peers, code)
+    calls: dict[int, Future[Answer]] = {}
+    rids: dict[str, str] = {}
+
+    def call(ex: Exchange) -> Answer:
+        target = ex.target.replace("ZZEZHF", code)
+        if ex.method == "POST":
+            return inference.post(target, raw=ex.request_body)
+        r = inference.http.request(ex.method, target)
+        return Answer(r.status_code, r.headers, r.content)
+
+    for index in range(first, last + 1):
+        item = timeline[index]
+        if isinstance(item, Exchange):
+            calls[index] = pool.submit(call, item)
+        elif item.conn == 86 and item.direction == "hub->participant":
+            recorded = item.json()
+            live = peer.next_request()
+            rids[recorded["requestId"]] = live.id
+            for key in ("operation", "method", "path", "stream"):
+                assert live.raw[key] == recorded[key], (key, live.raw, recorded)
+            assert live.raw.get("body") == recorded.get("body"), (live.raw, recorded)
+            if hub.fake is not None:
+                assert live.raw["headers"] == recorded["headers"]
+        elif item.conn == 86:
+            message = item.json()
+            message["requestId"] = rids[message["requestId"]]
+            peer.send(message)
+        for start, ex in [(i, e) for i, e in enumerate(timeline) if isinstance(e, Exchange)]:
+            if ex.answered_after == index and start in calls:
+                _check_recorded_answer(ex, calls.pop(start).result(10))
+    assert not calls
+    assert len(rids) >= 9
+
+
+def _check_recorded_answer(ex: Exchange, a: Answer) -> None:
+    where = f"conn {ex.conn}: {ex.method} {ex.target}"
+    assert a.status == ex.status, (where, a.body)
+    if ex.response_body is None:
+        return
+    recorded = ex.response_json()
+    if ex.target.endswith("/v1/models"):
+        assert [m["id"] for m in a.json()["data"]] == [m["id"] for m in recorded["data"]], where
+        assert [m["gambi"]["model"] for m in a.json()["data"]] == [
+            m["gambi"]["model"] for m in recorded["data"]
+        ]
+    elif recorded is not None:
+        assert a.json() == recorded, where
+    else:  # an event stream: the same events, blank separator lines aside
+        lines = [line for line in a.body.decode().splitlines() if line.strip()]
+        assert lines == ex.response_body.splitlines(), where

@@ -391,6 +391,7 @@ class Exchange:
     status: int | None = None
     response_body: str | None = None
     upgrade: bool = False  # the request asked for a WebSocket
+    answered_after: int = -1  # see parse_timeline
 
     def response_json(self) -> Any:
         try:
@@ -400,11 +401,33 @@ class Exchange:
 
 
 _LINE = re.compile(r"^\s*(\d+\.\d+) \[conn (\d+)\] (HTTP >>|HTTP <<|WS|TCP) ?(.*)$")
+_WS = re.compile(r"^(hub->participant|participant->hub) (\w+) fin=\d masked=\d len=\d+ ?(.*)$")
 
 
-def parse_recording(text: str) -> list[Exchange]:
-    """The HTTP exchanges of a recording in tests/fixtures/gambi-v06/ (WebSocket frames left out)."""
-    exchanges: list[Exchange] = []
+@dataclass
+class WsFrame:
+    """One WebSocket frame of a recording: `payload` is the text, or `code=... reason=...` for a close."""
+
+    conn: int
+    at_s: float
+    direction: str  # "hub->participant" or "participant->hub"
+    kind: str  # text, binary, close
+    payload: str
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.payload)
+        except ValueError:
+            return None
+
+
+def parse_timeline(text: str) -> list[Exchange | WsFrame]:
+    """A recording in order: each HTTP exchange (at its request) and each WebSocket frame.
+
+    An Exchange's `answered_after` is the index in the list after which its answer was seen, so a
+    replay can tell which frames came before the client got its answer.
+    """
+    timeline: list[Exchange | WsFrame] = []
     open_by_conn: dict[int, Exchange] = {}
     current: Exchange | None = None
     side = ""
@@ -416,20 +439,35 @@ def parse_recording(text: str) -> list[Exchange]:
             if kind == "HTTP >>":
                 method, target, _version = rest.split(" ", 2)
                 current = Exchange(conn, at_s, method, target, None)
-                exchanges.append(current)
+                timeline.append(current)
                 open_by_conn[conn] = current
                 side = "request"
             elif kind == "HTTP <<" and conn in open_by_conn:
                 current = open_by_conn.pop(conn)
                 current.status = int(rest.split(" ")[1])
+                current.answered_after = len(timeline) - 1
                 side = "response"
+            elif kind == "WS":
+                w = _WS.match(rest)
+                if w is not None:
+                    timeline.append(WsFrame(conn, at_s, w.group(1), w.group(2), w.group(3)))
             continue
         stripped = line.strip()
-        if current is not None and side == "request" and stripped.lower() == "upgrade: websocket":
+        if current is None:
+            continue
+        if side == "request" and stripped.lower() == "upgrade: websocket":
             current.upgrade = True
-        if current is not None and stripped.startswith("body: "):
+        if stripped.startswith("body: "):
             if side == "request":
                 current.request_body = stripped[len("body: ") :].encode()
             else:
                 current.response_body = stripped[len("body: ") :]
-    return exchanges
+                side = "response-body"
+        elif side == "response-body" and stripped:
+            current.response_body = f"{current.response_body}\n{stripped}"
+    return timeline
+
+
+def parse_recording(text: str) -> list[Exchange]:
+    """The HTTP exchanges of a recording in tests/fixtures/gambi-v06/ (WebSocket frames left out)."""
+    return [e for e in parse_timeline(text) if isinstance(e, Exchange)]
