@@ -936,18 +936,20 @@ class FakeGambiV06:
             compress=False,
             max_msg_size=max(4 * self.max_frame_bytes, 1 << 26),
         )
-        await ws.prepare(request)
         tunnel = _Tunnel(ws, room.code, pid, request.transport)
         self._all_sockets.add(tunnel)
         old = self._tunnels.get((room.code, pid))
         self._tunnels[(room.code, pid)] = tunnel
-        if old is not None:
-            self._fail_pending(old)
-            await self._close_ws(old, 1000, SUPERSEDED)
+        # Online "at once" (hub.ts:2847-2870): set before the 101 goes out, so that a heartbeat sent
+        # right after the client sees the upgrade can never find the participant still disconnected.
         p = room.participants.get(pid)
         if p is not None:
             p.connected, p.last_tunnel_seen_at, p.status = True, now_ms(), "online"
         try:
+            await ws.prepare(request)
+            if old is not None:
+                self._fail_pending(old)
+                await self._close_ws(old, 1000, SUPERSEDED)
             await self._tunnel_loop(tunnel)
         finally:
             self._all_sockets.discard(tunnel)

@@ -152,6 +152,7 @@ class Mgmt:
         """Try to open a tunnel that should be refused; return (HTTP status, parsed JSON body)."""
         try:
             conn = connect(self.tunnel_url(code, pid, token), open_timeout=TIMEOUT_S, ping_interval=None)
+            conn.__enter__()  # as above: no bare-connect warning on websockets 17
         except InvalidStatus as exc:
             body = exc.response.body or b""
             return exc.response.status_code, json.loads(body) if body else None
@@ -190,7 +191,9 @@ class TunnelPeer:
     def open(cls, url: str, timeout_s: float = TIMEOUT_S) -> TunnelPeer:
         # No WebSocket control pings: the reference participant sends none (liveness is tunnel.ping).
         conn = connect(url, open_timeout=timeout_s, close_timeout=2.0, ping_interval=None, max_size=None)
-        peer = cls(conn)
+        # Entered as a context manager: websockets 17.1+ warns about a bare connect() otherwise; the
+        # peer's close() (or the hub's) ends it.
+        peer = cls(conn.__enter__())
         threading.Thread(target=peer._read, name="tunnel-peer", daemon=True).start()
         return peer
 
