@@ -394,6 +394,7 @@ class FakeGambiV06:
         self._thawed: asyncio.Event | None = None
         self._http_transports: set[asyncio.BaseTransport] = set()
         self._crash_task: asyncio.Task[None] | None = None
+        self._closing = False
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -539,6 +540,7 @@ class FakeGambiV06:
         await self._listen()
 
     async def _listen(self) -> None:
+        self._closing = False
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         # handler_cancellation: a client that goes away cancels its handler, which is how the hub
@@ -554,6 +556,12 @@ class FakeGambiV06:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
 
     async def _shutdown(self, graceful: bool) -> None:
+        # A process that is going away answers nothing more: stop listening and drop any new request
+        # on a kept-alive connection first, then close the tunnels (1001) and the rest.
+        self._closing = True
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
         if self._thawed is not None:
             self._thawed.set()  # a stopped or restarted process is not frozen any more
         if self._sweeper is not None:
@@ -649,10 +657,16 @@ class FakeGambiV06:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         transport = request.transport
+        if self._closing:
+            self._abort(transport)
+            raise web.HTTPServiceUnavailable()  # never seen: the connection is already gone
         if transport is not None:
             self._http_transports.add(transport)
         try:
             await self._thaw()
+            if self._closing:  # shut down while this request waited for a thaw
+                self._abort(transport)
+                raise web.HTTPServiceUnavailable()
             body = await request.read()
             self.requests.append(
                 RecordedRequest(
