@@ -1056,6 +1056,34 @@ def test_room_events_carry_the_v06_types_and_shape(
         reader.close()
 
 
+def test_failed_requests_are_llm_error_events_with_their_stage(
+    hub: Hub, mgmt: Mgmt, inference: Inference, peers: list[TunnelPeer], pool: ThreadPoolExecutor
+) -> None:
+    code = mgmt.create_room()
+    reader = EventReader(hub.url, f"/v1/rooms/{code}/events")
+    try:
+        peer = online(mgmt, peers, code)
+        before = pool.submit(inference.chat, code, "p1", "x", stream=True)
+        req = peer.next_request()
+        peer.error(req.id, "fake provider exploded")
+        assert before.result(10).status == 502
+        after = pool.submit(inference.chat, code, "p1", "x", stream=True)
+        req = peer.next_request()
+        peer.start(req.id, 200, SSE_HEADERS)
+        peer.chunk(req.id, b"data: Hello\n\n")
+        peer.error(req.id, "provider stream broke", stage="stream")
+        assert after.result(10).status == 200
+        errors = wait_for(
+            lambda: len(reader.of_type("llm.error")) >= 2 and reader.of_type("llm.error"), "llm.error"
+        )
+        assert [e["data"]["stage"] for e in errors] == ["dispatch", "stream"]
+        for e in errors:
+            assert e["data"]["participantId"] == "p1" and isinstance(e["data"]["error"], str)
+        assert "fake provider exploded" in errors[0]["data"]["error"]
+    finally:
+        reader.close()
+
+
 def test_events_of_an_unknown_room_are_404(mgmt: Mgmt) -> None:
     a = mgmt.call("GET", "/v1/rooms/ZZZZZZ/events")
     assert a.status == 404 and a.error["code"] == "ROOM_NOT_FOUND"
