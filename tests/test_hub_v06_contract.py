@@ -1488,3 +1488,80 @@ def _check_recorded_answer(ex: Exchange, a: Answer) -> None:
     else:  # an event stream: the same events, blank separator lines aside
         lines = [line for line in a.body.decode().splitlines() if line.strip()]
         assert lines == ex.response_body.splitlines(), where
+
+
+REFERENCE_SESSIONS = [f"cli-run-{i}" for i in range(10)] + [
+    *(f"cli-nospecs-{i}" for i in range(5)),
+    "cli-ndjson",
+    "cli-idle",
+    "cli-term",
+]
+
+
+def test_the_reference_participants_recorded_sessions_replay(hub: Hub, mgmt: Mgmt) -> None:
+    """reference-participant-wire.txt: what `gambi participant join` sent, sent again, session by session.
+
+    Its PUT bodies, its tunnel upgrade with the returned token, its pings (each answered by a pong),
+    its heartbeats (`online`), its close 1000 and DELETE: the reference participant can join this hub.
+    The tunnel requests in that capture came from clients not recorded, so they are left out here.
+    """
+    timeline = parse_timeline((FIXTURES / "reference-participant-wire.txt").read_text())
+    pid_of_conn: dict[int, str] = {}
+    for item in timeline:
+        if isinstance(item, Exchange) and _pid(item.target):
+            pid_of_conn.setdefault(item.conn, _pid(item.target))
+    rooms: dict[str, str] = {}
+    replayed: dict[str, list[str]] = {}
+    for pid in REFERENCE_SESSIONS:
+        peer: TunnelPeer | None = None
+        token = ""
+        steps = replayed.setdefault(pid, [])
+        for item in timeline:
+            if isinstance(item, Exchange):
+                if _pid(item.target) != pid:
+                    continue
+                recorded_code = item.target.split("/")[3]
+                code = rooms.setdefault(recorded_code, mgmt.create_room(f"Replay {recorded_code}"))
+                path = item.target.replace(f"/rooms/{recorded_code}/", f"/rooms/{code}/")
+                if item.upgrade:
+                    peer = TunnelPeer.open(mgmt.tunnel_url(code, pid, token))
+                    steps.append("upgrade")
+                    continue
+                a = mgmt.call(item.method, path, raw=item.request_body)
+                assert a.status == item.status, (pid, item.method, path, a.body)
+                if item.method == "PUT":
+                    token = a.data["tunnel"]["token"]
+                    assert (
+                        a.data["participant"]["nickname"]
+                        == item.response_json()["data"]["participant"]["nickname"]
+                    )
+                if path.endswith("/heartbeat"):
+                    assert a.data["status"] == item.response_json()["data"]["status"], (pid, a.body)
+                steps.append(item.method)
+            elif (
+                pid_of_conn.get(item.conn) == pid
+                and item.direction == "participant->hub"
+                and peer is not None
+            ):
+                if item.kind == "close":
+                    peer.close(1000, "")
+                    assert peer.close_code == 1000
+                    steps.append("close")
+                    continue
+                message = item.json()
+                if not isinstance(message, dict) or message.get("type") != "tunnel.ping":
+                    continue  # answers to the unrecorded clients' requests
+                peer.send(item.payload)
+                assert peer.next()["type"] == "tunnel.pong"
+                steps.append("ping")
+        if peer is not None and not peer.closed:
+            peer.close()
+    assert replayed["cli-run-0"] == ["PUT", "upgrade", "close", "DELETE"]
+    assert replayed["cli-idle"].count("ping") >= 5 and replayed["cli-idle"].count("POST") >= 5
+    assert all(steps[:2] == ["PUT", "upgrade"] and steps[-1] == "DELETE" for steps in replayed.values())
+
+
+def _pid(target: str) -> str:
+    """The participant id in a `/v1/rooms/CODE/participants/ID[/...]` target, or ''."""
+    m = re.match(r"^/v1/rooms/[^/]+/participants/([^/?]+)", target)
+    return m.group(1) if m else ""
