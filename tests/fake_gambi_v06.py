@@ -57,7 +57,9 @@ Test controls (all thread-safe, callable from the test thread):
     drop_tunnel(id, room=None)   drop its TCP connection with no close frame
     delete_participant(code, id) what DELETE does (socket left open)
     requests                     list of RecordedRequest(method, path, query, headers, body) per HTTP
-                                 request, WebSocket upgrades included
+                                 request, WebSocket upgrades included (a request that waits out a
+                                 freeze is logged at the thaw; one that meets a stopping hub is not:
+                                 its connection is dropped, as a dying process would)
     frames                       list of Frame(direction "in"|"out", room, participant_id, kind
                                  "text"|"binary"|"close", data, size, close_code, close_reason)
     tunnel_frames(id, direction=None, type_=None) -> parsed JSON messages of that participant

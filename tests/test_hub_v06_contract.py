@@ -744,6 +744,20 @@ def test_the_participant_status_is_kept(
     assert a.status == status and a.json() == doc
 
 
+def test_a_start_with_an_impossible_status_is_ignored(
+    mgmt: Mgmt, inference: Inference, peers: list[TunnelPeer], pool: ThreadPoolExecutor
+) -> None:
+    code = mgmt.create_room()
+    peer = online(mgmt, peers, code)
+    answer = pool.submit(inference.chat, code, "p1", "x")
+    req = peer.next_request()
+    peer.start(req.id, 700, {"content-type": "application/json"})  # outside 100-599: dropped
+    peer.chunk(req.id, json.dumps(CHAT_DOC))
+    peer.end(req.id)
+    a = answer.result(10)
+    assert a.status == 200 and a.json() == CHAT_DOC
+
+
 def test_a_dropped_tunnel_fails_the_request_in_flight_with_502(
     mgmt: Mgmt, inference: Inference, peers: list[TunnelPeer], pool: ThreadPoolExecutor
 ) -> None:
