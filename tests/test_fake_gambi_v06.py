@@ -16,8 +16,6 @@ import pytest
 from tests.fake_gambi_v06 import FakeGambiV06
 from tests.v06_wire import Inference, Mgmt, TunnelPeer
 
-FAST = {"tunnel_timeout_s": 0.6, "participant_timeout_s": 0.6, "sweep_interval_s": 0.1}
-
 
 @pytest.fixture
 def fake() -> Iterator[FakeGambiV06]:

@@ -1106,7 +1106,8 @@ def test_events_of_an_unknown_room_are_404(mgmt: Mgmt) -> None:
 def test_a_silent_participant_goes_offline_with_an_event(
     make_hub: HubFactory, peers: list[TunnelPeer]
 ) -> None:
-    hub = make_hub(**FAST)
+    # a generous tunnel timeout: a stalled test thread must not lose the tunnel here
+    hub = make_hub(**{**FAST, "tunnel_timeout_s": 5.0})
     with Mgmt(hub.url) as mgmt, Inference(hub.url) as inference:
         code = mgmt.create_room()
         reader = EventReader(hub.url, f"/v1/rooms/{code}/events")
@@ -1165,7 +1166,7 @@ def test_a_silent_tunnel_is_closed_with_4001(make_hub: HubFactory) -> None:
 
 
 def test_participant_pongs_do_not_count_but_pings_do(make_hub: HubFactory) -> None:
-    hub = make_hub(**FAST)
+    hub = make_hub(**{**FAST, "tunnel_timeout_s": 1.5})  # room for a stalled pinger
     with Mgmt(hub.url) as mgmt:
         code = mgmt.create_room()
         tokens = [mgmt.register(code, pid)[1] for pid in ("pinger", "ponger")]
