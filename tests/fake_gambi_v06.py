@@ -57,7 +57,9 @@ Test controls (all thread-safe, callable from the test thread):
     drop_tunnel(id, room=None)   drop its TCP connection with no close frame
     delete_participant(code, id) what DELETE does (socket left open)
     requests                     list of RecordedRequest(method, path, query, headers, body) per HTTP
-                                 request, WebSocket upgrades included
+                                 request, WebSocket upgrades included (a request that waits out a
+                                 freeze is logged at the thaw; one that meets a stopping hub is not:
+                                 its connection is dropped, as a dying process would)
     frames                       list of Frame(direction "in"|"out", room, participant_id, kind
                                  "text"|"binary"|"close", data, size, close_code, close_reason)
     tunnel_frames(id, direction=None, type_=None) -> parsed JSON messages of that participant
@@ -394,6 +396,7 @@ class FakeGambiV06:
         self._thawed: asyncio.Event | None = None
         self._http_transports: set[asyncio.BaseTransport] = set()
         self._crash_task: asyncio.Task[None] | None = None
+        self._closing = False
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -539,6 +542,7 @@ class FakeGambiV06:
         await self._listen()
 
     async def _listen(self) -> None:
+        self._closing = False
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         # handler_cancellation: a client that goes away cancels its handler, which is how the hub
@@ -554,6 +558,12 @@ class FakeGambiV06:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
 
     async def _shutdown(self, graceful: bool) -> None:
+        # A process that is going away answers nothing more: stop listening and drop any new request
+        # on a kept-alive connection first, then close the tunnels (1001) and the rest.
+        self._closing = True
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
         if self._thawed is not None:
             self._thawed.set()  # a stopped or restarted process is not frozen any more
         if self._sweeper is not None:
@@ -649,10 +659,16 @@ class FakeGambiV06:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         transport = request.transport
+        if self._closing:
+            self._abort(transport)
+            raise web.HTTPServiceUnavailable()  # never seen: the connection is already gone
         if transport is not None:
             self._http_transports.add(transport)
         try:
             await self._thaw()
+            if self._closing:  # shut down while this request waited for a thaw
+                self._abort(transport)
+                raise web.HTTPServiceUnavailable()
             body = await request.read()
             self.requests.append(
                 RecordedRequest(
@@ -936,18 +952,20 @@ class FakeGambiV06:
             compress=False,
             max_msg_size=max(4 * self.max_frame_bytes, 1 << 26),
         )
-        await ws.prepare(request)
         tunnel = _Tunnel(ws, room.code, pid, request.transport)
         self._all_sockets.add(tunnel)
         old = self._tunnels.get((room.code, pid))
         self._tunnels[(room.code, pid)] = tunnel
-        if old is not None:
-            self._fail_pending(old)
-            await self._close_ws(old, 1000, SUPERSEDED)
+        # Online "at once" (hub.ts:2847-2870): set before the 101 goes out, so that a heartbeat sent
+        # right after the client sees the upgrade can never find the participant still disconnected.
         p = room.participants.get(pid)
         if p is not None:
             p.connected, p.last_tunnel_seen_at, p.status = True, now_ms(), "online"
         try:
+            await ws.prepare(request)
+            if old is not None:
+                self._fail_pending(old)
+                await self._close_ws(old, 1000, SUPERSEDED)
             await self._tunnel_loop(tunnel)
         finally:
             self._all_sockets.discard(tunnel)
