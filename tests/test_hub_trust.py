@@ -204,6 +204,16 @@ def test_password_failures_are_rate_limited_per_source(hub: RunningHub) -> None:
     assert call_from(OTHER, hub, "POST", path, member(password="hunter22"))[0] == 201  # another source
 
 
+def test_asking_without_a_password_is_no_guess(hub: RunningHub) -> None:
+    # An agent learns that a room is protected by joining without one, then asks its user: that first
+    # answer must not use up the tries its user has.
+    code = hub.state.create_room("locked", password="hunter22")["code"]
+    path = f"/rooms/{code}/join"
+    for _ in range(hub.limits.password_failures + 2):
+        assert call_from("127.0.0.1", hub, "POST", path, member())[0] == 401
+    assert call_from("127.0.0.1", hub, "POST", path, member(password="hunter22"))[0] == 201
+
+
 def test_password_hashing_runs_at_most_two_at_once(hub: RunningHub, monkeypatch: pytest.MonkeyPatch) -> None:
     code = hub.state.create_room("locked", password="pw")["code"]
     real = hub_context.hash_password

@@ -51,9 +51,11 @@ class Context:
                 code="RATE_LIMITED",
                 details={"retryAfterS": round(wait_s, 1)},
             )
-        digest = b""
-        if isinstance(given, str) and given:
-            digest = (await self.hash(given, secret[0]))[1]
+        if not isinstance(given, str) or not given:
+            # No password is no guess: the agent is learning that the room is protected (it asks its
+            # user next), so it costs no hashing and does not count against the source.
+            return False
+        digest = (await self.hash(given, secret[0]))[1]
         if hmac.compare_digest(digest, secret[1]):  # constant time, whatever the length
             return True
         self.guard.failed(source)
