@@ -783,8 +783,16 @@ def test_a_participant_close_is_echoed_and_an_oversized_message_is_1009(hub: Run
             json.dumps({"type": "tunnel.ping", "pad": "x" * (hub.limits.max_tunnel_message_bytes + 1)})
         )
     except ConnectionClosed as exc:
-        assert exc.rcvd is not None and exc.rcvd.code == 1009
+        # The close frame races the rest of our send: when the hub's close lands while we still
+        # write, the kernel may reset the connection and the 1009 frame is lost on our side. Either
+        # way the hub refused the message, dropped the tunnel and kept serving.
+        if exc.rcvd is not None:
+            assert exc.rcvd.code == 1009
         big.close()
+        wait_for(
+            lambda: ok(call(hub, "GET", f"/v1/rooms/{code}/participants"))[0]["status"] == "offline",
+            "offline after the oversized message",
+        )
         return
     assert big.close_code()[0] == 1009
     big.close()
