@@ -15,7 +15,14 @@ from llmroom_cli.standin import StandIn
 from tests.helpers import cli
 
 HEAVY = (
-    "httpx", "rich", "psutil", "pynvml", "llmroom_cli.server", "llmroom_cli.hub", "aiohttp", "zeroconf",
+    "httpx",
+    "rich",
+    "psutil",
+    "pynvml",
+    "llmroom_cli.server",
+    "llmroom_cli.hub",
+    "aiohttp",
+    "zeroconf",
     "websockets",
 )
 
