@@ -173,6 +173,19 @@ def test_v01_participant_changes_only_from_its_address_until_it_is_gone(hub: Run
     assert hub.state.participants(code)[0]["endpoint"] == "http://127.0.0.2:9"
 
 
+def test_v01_heartbeats_keep_a_participant_alive_only_from_its_address(hub: RunningHub) -> None:
+    code = hub.state.create_room("r")["code"]
+    assert call_from("127.0.0.1", hub, "POST", f"/rooms/{code}/join", member())[0] == 201
+    health = f"/rooms/{code}/health"
+    # Someone else cannot keep it "online" (so its prompts keep going to a dead agent) ...
+    assert call_from(OTHER, hub, "POST", health, {"id": "p1"})[0] == 403
+    assert call_from("127.0.0.1", hub, "POST", health, {"id": "p1"})[0] == 200
+    hub.state.sweep(0.0)  # ... and once it is gone, a heartbeat from a new address is told to re-join
+    status, data = call_from(OTHER, hub, "POST", health, {"id": "p1"})
+    assert (status, data["error"]) == (404, "Participant not found")
+    assert hub.state.participants(code)[0]["status"] == "offline"
+
+
 def test_v06_participant_changes_only_from_its_tunnel_address_until_it_is_gone() -> None:
     with start_hub(participant_timeout_s=0.5) as hub:
         code = ok(call(hub, "POST", "/v1/rooms", {"name": "r"}))["room"]["code"]

@@ -135,7 +135,7 @@ async def dispatch(ctx: Context, request: web.BaseRequest, segs: list[str]) -> w
                 if state.room(code) is None:  # the room is checked first, as on the reference
                     return error_v01(404, "Room not found")
                 raise
-            problem = state.health(code, pid)
+            problem = state.health(code, pid, source_of(request), ctx.participant_timeout_s)
             return error_v01(404, problem) if problem else json_response(200, {"success": True})
         if route == ("join",):
             return await _join(ctx, request, code)

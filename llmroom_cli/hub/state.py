@@ -445,14 +445,23 @@ class HubState:
             self._emit_locked(room.code, ("participant:left", gone), ("participant.left", gone))
             return p.tunnel
 
-    def health(self, code: str, participant_id: str) -> str | None:
-        """Record a v0.1 health check (back online at once); None when done, else the error message."""
+    def health(
+        self, code: str, participant_id: str, source: str | None = None, timeout_s: float = 30.0
+    ) -> str | None:
+        """Record a v0.1 health check (back online at once); None when done, else the error message.
+
+        Only the address that holds the participant keeps it alive (`source` None: no check). From
+        another address: 403 while it is held; once it is gone, "Participant not found", so an agent
+        whose address changed re-joins, which reclaims the id from its new address."""
         with self.lock:
             room = self._rooms.get(code.upper())
             if room is None:
                 return "Room not found"
             p = room.participants.get(participant_id)
             if p is None:
+                return "Participant not found"
+            if source is not None and p.source != source:
+                self._may_change(p, source, timeout_s)  # raises 403 while the participant is held
                 return "Participant not found"
             p.seen = (now_ms(), time.monotonic())
             p.status = "online" if p.generation == V01 or p.connected else "offline"
