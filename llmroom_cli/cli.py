@@ -409,7 +409,10 @@ def serve(
 
     def body() -> int:
         import ipaddress
+        import math
 
+        if not math.isfinite(participant_timeout):  # `nan` passes typer's min check
+            raise UsageError(f"--participant-timeout {participant_timeout}: expected a number of seconds")
         networks = []
         for cidr in allow_relay_to or []:
             try:
@@ -1068,6 +1071,10 @@ def hubs(
     """Find hubs on the local network (mDNS, _gambiarra._tcp) and check that they answer."""
 
     def body() -> int:
+        import math
+
+        if not math.isfinite(timeout):  # `nan` and `inf` pass typer's min check
+            raise UsageError(f"--timeout {timeout}: expected a number of seconds")
         from llmroom_cli.discovery import discover
 
         found = discover(timeout)
@@ -1194,4 +1201,27 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
+    except OSError as exc:
+        import errno
+
+        # `--help`/`--version` into a full or vanished stdout: what was asked for is done, as far as
+        # it can be; never a traceback (commands' own output goes through `_run`).
+        if exc.errno not in (errno.EPIPE, errno.ENOSPC, errno.EIO):
+            raise
+        code = 0
+    _flush_stdout()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _flush_stdout() -> None:
+    """Flush what is still buffered for stdout; a full or vanished stdout (`>/dev/full`) is not a
+    crash at interpreter exit: the rest is dropped quietly."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass

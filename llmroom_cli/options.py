@@ -47,8 +47,11 @@ def refuse_credentials(url: str, what: str) -> None:
 
 
 def _check_host_port(url: str, what: str) -> tuple[str, str]:
+    try:
+        parts = urlsplit(url)  # an unclosed IPv6 bracket (`http://[::1`) is a ValueError here
+    except ValueError:
+        raise UsageError(f"invalid {what} URL {url!r}: expected http(s)://host[:port][/path]") from None
     refuse_credentials(url, what)
-    parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise UsageError(f"invalid {what} URL {url!r}: it must start with http:// or https://")
     if not parts.hostname or parts.username or parts.password or parts.query or parts.fragment:
@@ -156,9 +159,17 @@ def parse_config(pairs: list[str], config_file: Path | None = None) -> dict[str,
     return validate_config(config) if config else None
 
 
+# A generation config is a handful of keys: anything larger is a mistake (or /dev/zero), not a config.
+MAX_CONFIG_FILE_BYTES = 1 << 20
+
+
 def _read_config_file(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_FILE_BYTES + 1)
+        if len(raw) > MAX_CONFIG_FILE_BYTES:
+            raise UsageError(f"--config-file {str(path)!r} is larger than {MAX_CONFIG_FILE_BYTES >> 20} MiB")
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise UsageError(f"cannot read --config-file {str(path)!r}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -171,11 +182,15 @@ def _read_config_file(path: Path) -> dict[str, Any]:
             import tomli as tomllib  # type: ignore[no-redef,import-not-found,unused-ignore]
         try:
             data = tomllib.loads(text)
+        except RecursionError:
+            raise UsageError(f"--config-file {str(path)!r} is nested too deeply") from None
         except ValueError as exc:
             raise UsageError(f"--config-file {str(path)!r} is not valid TOML: {exc}") from None
     else:
         try:
             data = json.loads(text)
+        except RecursionError:
+            raise UsageError(f"--config-file {str(path)!r} is nested too deeply") from None
         except ValueError as exc:
             raise UsageError(f"--config-file {str(path)!r} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):

@@ -272,3 +272,25 @@ def test_broken_pipe_on_list_is_quiet(hub: RunningHub) -> None:
     )
     assert "Traceback" not in r.stderr and "unexpected" not in r.stderr, r.stderr
     assert r.stdout.count("\n") == 2
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("list", "--hub", "http://[::1"),
+        ("serve", "--port", "0", "--participant-timeout", "nan"),
+        ("hubs", "--timeout", "nan"),
+    ],
+)
+def test_malformed_numbers_and_urls_are_one_line_and_exit_2(args: tuple[str, ...]) -> None:
+    result = cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_help_into_a_full_stdout_is_no_traceback() -> None:
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "llmroom_cli", "--help"], stdout=full, stderr=subprocess.PIPE, text=True
+        )
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr

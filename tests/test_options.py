@@ -182,3 +182,19 @@ def test_endpoint_urls_are_built_from_their_parts(typed: str, url: str) -> None:
     assert normalize_endpoint(typed) == url
     assert probe_url("0.0.0.0:8080") == "http://127.0.0.1:8080"
     assert probe_url("[::]:8080") == "http://[::1]:8080"
+
+
+def test_an_unclosed_ipv6_bracket_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="invalid hub URL"):
+        normalize_hub_url("http://[::1")
+
+
+def test_a_config_file_is_bounded_in_size_and_depth(tmp_path: Path) -> None:
+    big = tmp_path / "big.json"
+    big.write_text('{"stop": "' + "x" * (2 << 20) + '"}')
+    with pytest.raises(UsageError, match="larger than"):
+        parse_config([], big)
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(UsageError, match="nested too deeply"):
+        parse_config([], deep)
