@@ -145,11 +145,28 @@ def _run(fn: Callable[[], T], debug: bool = False) -> T:
 
         silence_stdout()
         raise typer.Exit(141) from None
-    except Exception as exc:
-        if _state["debug"]:
-            _print_traceback()
-        _err(f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for a traceback)")
+    except OSError as exc:
+        import errno
+
+        if exc.errno not in (errno.ENOSPC, errno.EIO):
+            _unexpected(exc)
+        # stdout is full or gone (`>/dev/full`): the output was not delivered, so say it, as coreutils
+        # do (`write error: No space left on device`), in words and without the rest of it.
+        from llmroom_cli.render import silence_stdout
+
+        silence_stdout()
+        _err(f"error: write failed: {exc.strerror}")
         raise typer.Exit(1) from None
+    except Exception as exc:
+        _unexpected(exc)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _unexpected(exc: BaseException) -> NoReturn:
+    if _state["debug"]:
+        _print_traceback()
+    _err(f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for a traceback)")
+    raise typer.Exit(1) from None
 
 
 # Secret values of this run (the room password), registered as soon as they are known, so that the

@@ -294,3 +294,15 @@ def test_help_into_a_full_stdout_is_no_traceback() -> None:
             [sys.executable, "-m", "llmroom_cli", "--help"], stdout=full, stderr=subprocess.PIPE, text=True
         )
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_output_into_a_full_stdout_is_one_line_and_exit_1() -> None:
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "llmroom_cli", "specs", "--json"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == "error: write failed: No space left on device\n"
