@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from llmroom_cli.client import HubClient
 from llmroom_cli.errors import (
@@ -287,11 +287,33 @@ class Outcome:
         self.confirmed: bool | None = None
 
 
+class Lifecycle(Protocol):
+    """What `run_session` drives: the v0.1 `Session` and the v0.6 `TunnelSession` alike."""
+
+    stop: threading.Event
+    joined: bool
+    join_maybe_sent: bool
+
+    def join(self) -> None: ...
+    def heartbeat_loop(self) -> None: ...
+    def leave(self) -> bool: ...
+    def emit(self, event: str, **data: Any) -> None: ...
+
+
 def run_session(
-    session: Session, wake: threading.Event, on_started: Callable[[], None] | None = None
+    session: Lifecycle,
+    wake: threading.Event,
+    on_started: Callable[[], None] | None = None,
+    *,
+    nothing_to_leave: tuple[type[BaseException], ...] = (RoomNotFound, InvalidPassword),
+    on_nothing_to_leave: Callable[[], None] | None = None,
+    thread_name: str = "llmroom-session",
 ) -> Outcome:
     """Run join + heartbeat loop in a worker thread; return when `wake` is set (a signal, or the worker
-    ended). Then leave, if the join may have reached the hub. Never raises for hub trouble."""
+    ended). Then leave, if the join may have reached the hub. Never raises for hub trouble.
+
+    A run that ends with one of `nothing_to_leave` (the hub refused the join, the room is gone, ...)
+    sends no leave; `on_nothing_to_leave` then releases what the session still holds."""
     outcome = Outcome()
 
     def work() -> None:
@@ -306,15 +328,17 @@ def run_session(
         finally:
             wake.set()
 
-    worker = threading.Thread(target=work, name="llmroom-session", daemon=True)
+    worker = threading.Thread(target=work, name=thread_name, daemon=True)
     worker.start()
     while not wake.wait(0.5):
         pass
     session.stop.set()
     # No join of the worker here: leave() itself waits (briefly) for a request in flight, which keeps
     # the worst case (a frozen hub) at LEAVE_WAIT_INFLIGHT_S + LEAVE_TIMEOUT_S, well inside 3 s.
-    if isinstance(outcome.error, (RoomNotFound, InvalidPassword)):
-        return outcome  # the hub refused the join, or the room is gone and us with it
+    if isinstance(outcome.error, nothing_to_leave):
+        if on_nothing_to_leave is not None:
+            on_nothing_to_leave()
+        return outcome
     if not session.join_maybe_sent:
         return outcome
     if outcome.error is not None and not session.joined:

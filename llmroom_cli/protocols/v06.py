@@ -40,7 +40,7 @@ from llmroom_cli.errors import (
     ParticipantNotFound,
     RoomNotFound,
 )
-from llmroom_cli.session import JoinPlan, Outcome, Schedule, Status
+from llmroom_cli.session import JoinPlan, Outcome, Schedule, Status, run_session
 
 Emit = Callable[[dict[str, Any]], None]
 Send = Callable[[dict[str, Any]], None]
@@ -1310,36 +1310,13 @@ class TunnelSession:
 def run_tunnel_session(
     session: TunnelSession, wake: threading.Event, on_started: Callable[[], None] | None = None
 ) -> Outcome:
-    """`run_session` for a TunnelSession: join + loop in a worker thread until `wake` is set (a signal,
-    or the worker ended), then leave. Never raises for hub trouble: the error is in the Outcome."""
-    outcome = Outcome()
-
-    def work() -> None:
-        try:
-            session.join()
-            if session.joined and not session.stop.is_set():
-                if on_started is not None:
-                    on_started()
-                session.heartbeat_loop()
-        except BaseException as exc:  # handed to the main thread, which maps it to an exit code
-            outcome.error = exc
-        finally:
-            wake.set()
-
-    worker = threading.Thread(target=work, name="llmroom-tunnel-session", daemon=True)
-    worker.start()
-    while not wake.wait(0.5):
-        pass
-    session.stop.set()
-    if isinstance(outcome.error, (RoomNotFound, InvalidPassword, TunnelSuperseded)):
-        # Nothing of ours to DELETE: the room is gone, the hub refused us, or the id is another agent's.
-        session.abandon()
-        return outcome
-    if not session.join_maybe_sent:
-        return outcome
-    if outcome.error is not None and not session.joined:
-        session.leave()
-        return outcome
-    outcome.confirmed = session.leave()
-    session.emit("left", confirmed=outcome.confirmed)
-    return outcome
+    """`run_session` for a TunnelSession. Nothing is DELETEd when the room is gone, the hub refused
+    us, or the id is another agent's (superseded): the session just lets go of its tunnel."""
+    return run_session(
+        session,
+        wake,
+        on_started,
+        nothing_to_leave=(RoomNotFound, InvalidPassword, TunnelSuperseded),
+        on_nothing_to_leave=session.abandon,
+        thread_name="llmroom-tunnel-session",
+    )
