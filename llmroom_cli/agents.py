@@ -119,6 +119,7 @@ class StateFile:
 def _parse(data: Any) -> AgentState | None:
     if not isinstance(data, dict):
         return None
+    extra = data.get("extra")
     try:
         return AgentState(
             pid=int(data["pid"]),
@@ -129,7 +130,7 @@ def _parse(data: Any) -> AgentState | None:
             participant_id=str(data.get("participant_id", "")),
             requests_served=int(data.get("requests_served", 0)),
             last_error=None if data.get("last_error") is None else str(data["last_error"]),
-            extra=data.get("extra") if isinstance(data.get("extra"), dict) else {},
+            extra=extra if isinstance(extra, dict) else {},
         )
     except (KeyError, TypeError, ValueError):
         return None

@@ -13,7 +13,7 @@ from llmroom_cli import agents
 
 
 def _state(pid: int, **kw: object) -> agents.AgentState:
-    base: dict[str, object] = dict(room="ABC123", hub="http://127.0.0.1:3000", state="online")
+    base: dict[str, object] = {"room": "ABC123", "hub": "http://127.0.0.1:3000", "state": "online"}
     base.update(kw)
     return agents.AgentState(pid=pid, started_at=time.time() - 5, **base)  # type: ignore[arg-type]
 
