@@ -67,3 +67,24 @@ def test_junk_and_oversized_files_skipped(tmp_path: Path) -> None:
     (tmp_path / "3.json").write_text(" " * (agents.MAX_STATE_BYTES + 10))
     assert agents.list_agents(tmp_path) == []
     assert agents.list_agents(tmp_path / "missing") == []
+
+
+def test_status_command_lists_running_agent_json(tmp_path: Path) -> None:
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path))
+    sf = agents.StateFile(_state(os.getpid(), requests_served=7), directory=agents.state_dir(env))
+    sf.update(force=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "llmroom_cli", "status", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert [(a["pid"], a["room"], a["requests_served"]) for a in data] == [(os.getpid(), "ABC123", 7)]
+    sf.remove()
+    out = subprocess.run(
+        [sys.executable, "-m", "llmroom_cli", "status"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "no llmroom agents" in out.stdout
