@@ -653,6 +653,41 @@ def specs(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
 
 
 @app.command()
+def status(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """List the llmroom agents sharing on this machine (room, hub, state, uptime, requests)."""
+
+    def body() -> None:
+        from dataclasses import asdict
+
+        from llmroom_cli.agents import list_agents
+
+        found = list_agents()
+        if json_out:
+            _print_json([asdict(a) | {"uptime_s": round(a.uptime_s(), 1)} for a in found])
+            return
+        if not found:
+            sys.stdout.write("no llmroom agents running on this machine\n")
+            return
+        from llmroom_cli.render import print_table
+
+        rows = [
+            [
+                str(a.pid),
+                a.room,
+                a.hub,
+                a.state,
+                f"{a.uptime_s():.0f}s",
+                str(a.requests_served),
+                a.last_error or "",
+            ]
+            for a in found
+        ]
+        print_table(("PID", "ROOM", "HUB", "STATE", "UPTIME", "SERVED", "LAST ERROR"), rows)
+
+    _run(body, debug)
+
+
+@app.command()
 def probe(
     url: Annotated[
         str | None,
