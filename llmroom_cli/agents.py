@@ -9,6 +9,7 @@ Stdlib only: `llmroom status` must stay cheap to import.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -112,8 +113,9 @@ class StateFile:
         self._dirty = False
 
     def remove(self) -> None:
-        """Delete the file (the agent is exiting)."""
-        self.path.unlink(missing_ok=True)
+        """Delete the file (the agent is exiting); a file that cannot be deleted is stale soon anyway."""
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
 
 
 def _parse(data: Any) -> AgentState | None:

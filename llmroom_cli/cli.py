@@ -8,6 +8,7 @@ Heavy modules (httpx, rich, psutil, pynvml, the server) are imported inside the 
 them, so `llmroom --help` and `llmroom --version` stay fast.
 """
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -986,10 +987,69 @@ def _join_flow(
     force: bool = False,
     implicit_hub: bool = False,
 ) -> int:
-    """Everything `join` does after parsing; `demo` runs it too."""
+    """Everything `join` does after parsing; `demo` runs it too. While it runs, a state file tells
+    `llmroom status` about it; the file goes when it ends, however it ends."""
+    tracker: list[Any] = []
+    try:
+        return _join_flow_tracked(
+            room, hub_url, ep, model, nick, secret, cfg, no_specs, participant_id, interval, wait, mode,
+            on_started, wake, output_hook, advertise, force, implicit_hub, tracker,
+        )  # fmt: skip
+    finally:
+        for state_file in tracker:
+            state_file.remove()
+
+
+def _state_tracker(
+    output: Callable[[dict[str, Any]], None], state_file: Any
+) -> Callable[[dict[str, Any]], None]:
+    """`output` plus the agent's state file kept in step with the session's events (a state file that
+    cannot be written never disturbs the join)."""
+    states = {"joined": "online", "online": "online", "rejoined": "online", "reconnecting": "reconnecting"}
+
+    def emit(event: dict[str, Any]) -> None:
+        output(event)
+        name = event.get("event")
+        changes: dict[str, Any] = {}
+        if name in states:
+            changes["state"] = states[str(name)]
+        if name == "reconnecting":
+            changes["last_error"] = event.get("reason")
+        elif name in ("online", "rejoined"):
+            changes["last_error"] = None
+        if changes:
+            with contextlib.suppress(OSError):
+                state_file.update(force=name != "heartbeat", **changes)
+
+    return emit
+
+
+def _join_flow_tracked(
+    room: str,
+    hub_url: str,
+    ep: str,
+    model: str | None,
+    nick: str,
+    secret: str | None,
+    cfg: dict[str, Any] | None,
+    no_specs: bool,
+    participant_id: str | None,
+    interval: float,
+    wait: bool,
+    mode: str,
+    on_started: Callable[[], None] | None,
+    wake: "threading.Event | None",
+    output_hook: Callable[[Any], None] | None,
+    advertise: str | None,
+    force: bool,
+    implicit_hub: bool,
+    tracker: list[Any],
+) -> int:
     import threading
+    import time
 
     from llmroom_cli import endpoints
+    from llmroom_cli.agents import AgentState, StateFile
     from llmroom_cli.client import HubClient
     from llmroom_cli.errors import RoomNotFound
     from llmroom_cli.identity import stable_participant_id
@@ -1047,9 +1107,16 @@ def _join_flow(
             if output_hook is not None:
                 output_hook(output)
             client = HubClient(http, hub_url)
+            state_file = StateFile(
+                AgentState(os.getpid(), room, hub_url, "starting", time.time(), participant_id=pid)
+            )
+            tracker.append(state_file)
+            with contextlib.suppress(OSError):
+                state_file.update(force=True)
+            emit = _state_tracker(output, state_file)
             prompts = 0
             while True:
-                session = Session(client, plan, output, stop=threading.Event(), on_retry=retry_notice)
+                session = Session(client, plan, emit, stop=threading.Event(), on_retry=retry_notice)
                 output.status = session.status
                 # From here on the join may reach the hub: a signal sets `wake`, and the session leaves.
                 phase["starting"] = False

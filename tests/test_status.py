@@ -88,3 +88,31 @@ def test_status_command_lists_running_agent_json(tmp_path: Path) -> None:
         [sys.executable, "-m", "llmroom_cli", "status"], env=env, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0 and "no llmroom agents" in out.stdout
+
+
+def test_a_running_join_is_listed_by_status_and_gone_when_it_leaves(tmp_path: Path) -> None:
+    import signal
+
+    from llmroom_cli.hub import start_hub
+    from llmroom_cli.standin import StandIn
+    from tests.helpers import Agent, cli, wait_for
+
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    with start_hub(port=0) as hub, StandIn() as llm:
+        room = hub.state.create_room("r")["code"]
+        a = Agent(room, "--hub", hub.url, "-e", llm.url, "--json", "--interval", "0.2", env=env)
+        joined = a.wait_event("joined")
+
+        def listed() -> list[dict[str, object]]:
+            r = cli("status", "--json", env=env)
+            assert r.returncode == 0, r.stderr
+            found: list[dict[str, object]] = json.loads(r.stdout)
+            return [x for x in found if x.get("state") == "online"]
+
+        (entry,) = wait_for(listed, "the agent online in `status`")
+        assert entry["pid"] == a.proc.pid and entry["room"] == room and entry["hub"] == hub.url
+        assert entry["participant_id"] == joined["id"]
+        a.proc.send_signal(signal.SIGINT)
+        assert a.proc.wait(timeout=30) == 0
+        assert cli("status", "--json", env=env).stdout.strip() == "[]"
+        assert not list((tmp_path / "state" / "llmroom" / "agents").glob("*.json"))
