@@ -967,6 +967,30 @@ def _prepare_share(
     return chosen.id, publication.url, hub_url, specs, lan_hub
 
 
+def _state_tracker(
+    output: Callable[[dict[str, Any]], None], state_file: Any
+) -> Callable[[dict[str, Any]], None]:
+    """`output` plus the agent's state file kept in step with the session's events (a state file that
+    cannot be written never disturbs the join)."""
+    states = {"joined": "online", "online": "online", "rejoined": "online", "reconnecting": "reconnecting"}
+
+    def emit(event: dict[str, Any]) -> None:
+        output(event)
+        name = event.get("event")
+        changes: dict[str, Any] = {}
+        if name in states:
+            changes["state"] = states[str(name)]
+        if name == "reconnecting":
+            changes["last_error"] = event.get("reason")
+        elif name in ("online", "rejoined"):
+            changes["last_error"] = None
+        if changes:
+            with contextlib.suppress(OSError):
+                state_file.update(force=True, **changes)
+
+    return emit
+
+
 def _join_flow(
     room: str,
     hub_url: str,
@@ -989,191 +1013,142 @@ def _join_flow(
 ) -> int:
     """Everything `join` does after parsing; `demo` runs it too. While it runs, a state file tells
     `llmroom status` about it; the file goes when it ends, however it ends."""
-    tracker: list[Any] = []
+    state_files: list[Any] = []  # removed however the run ends
     try:
-        return _join_flow_tracked(
-            room, hub_url, ep, model, nick, secret, cfg, no_specs, participant_id, interval, wait, mode,
-            on_started, wake, output_hook, advertise, force, implicit_hub, tracker,
-        )  # fmt: skip
-    finally:
-        for state_file in tracker:
-            state_file.remove()
+        import threading
+        import time
 
+        from llmroom_cli import endpoints
+        from llmroom_cli.agents import AgentState, StateFile
+        from llmroom_cli.client import HubClient
+        from llmroom_cli.errors import RoomNotFound
+        from llmroom_cli.identity import stable_participant_id
+        from llmroom_cli.render import JoinOutput
+        from llmroom_cli.session import Interrupted, JoinPlan, Session, capture_signals, run_session
 
-def _state_tracker(
-    output: Callable[[dict[str, Any]], None], state_file: Any
-) -> Callable[[dict[str, Any]], None]:
-    """`output` plus the agent's state file kept in step with the session's events (a state file that
-    cannot be written never disturbs the join)."""
-    states = {"joined": "online", "online": "online", "rejoined": "online", "reconnecting": "reconnecting"}
+        wake = wake or threading.Event()
+        phase = {"starting": True}
 
-    def emit(event: dict[str, Any]) -> None:
-        output(event)
-        name = event.get("event")
-        changes: dict[str, Any] = {}
-        if name in states:
-            changes["state"] = states[str(name)]
-        if name == "reconnecting":
-            changes["last_error"] = event.get("reason")
-        elif name in ("online", "rejoined"):
-            changes["last_error"] = None
-        if changes:
-            with contextlib.suppress(OSError):
-                state_file.update(force=name != "heartbeat", **changes)
+        def exit_now() -> None:
+            if output is not None:
+                output.close()
+            line = "interrupted again: exiting without waiting for the hub"
+            if plan_ref:
+                p = plan_ref[0]
+                line += f"; if it still lists you, run: {_leave_command(p.code, p.participant_id, p.hub_url)}"
+            _err(line)
+            os._exit(130)
 
-    return emit
+        plan_ref: list[Any] = []
+        lan_hub: str | None = None
+        withheld = False
 
+        def retry_notice(reason: str, remaining_s: float) -> None:
+            if mode != "quiet":
+                _err(f"{reason}; retrying for up to {remaining_s:.0f} s ...")
 
-def _join_flow_tracked(
-    room: str,
-    hub_url: str,
-    ep: str,
-    model: str | None,
-    nick: str,
-    secret: str | None,
-    cfg: dict[str, Any] | None,
-    no_specs: bool,
-    participant_id: str | None,
-    interval: float,
-    wait: bool,
-    mode: str,
-    on_started: Callable[[], None] | None,
-    wake: "threading.Event | None",
-    output_hook: Callable[[Any], None] | None,
-    advertise: str | None,
-    force: bool,
-    implicit_hub: bool,
-    tracker: list[Any],
-) -> int:
-    import threading
-    import time
+        output: JoinOutput | None = None
+        try:
+            with capture_signals(wake, exit_now, interrupt=lambda: phase["starting"]) as received:
+                # Every URL this run may call: an https one among them (say --advertise) gets real
+                # certificate verification.
+                http = _http(hub_url, endpoints.probe_url(ep), *([advertise] if advertise else []))
+                chosen, published, hub_url, specs, lan_hub = _prepare_share(
+                    http, hub_url, ep, model, no_specs, wait, mode, advertise, force, implicit_hub
+                )
+                withheld = False
+                if lan_hub is not None and secret:
+                    interactive = sys.stdin.isatty() and sys.stderr.isatty() and mode != "json"
+                    secret = _password_for_lan_hub(lan_hub, secret, interactive)
+                    withheld = secret is None
+                pid = participant_id or stable_participant_id(
+                    hub_url, room, ep, lambda m: _err(f"warning: {m}")
+                )
+                plan = JoinPlan(hub_url, room, pid, nick, chosen, published, secret, specs, cfg, interval)
+                plan_ref.append(plan)
+                info = {
+                    "room": room,
+                    "hub": hub_url,
+                    "nickname": nick,
+                    "model": chosen,
+                    "endpoint": published,
+                    "id": pid,
+                }
+                output = JoinOutput(mode, info)
+                output.on_broken = wake.set
+                if output_hook is not None:
+                    output_hook(output)
+                client = HubClient(http, hub_url)
+                state_file = StateFile(
+                    AgentState(os.getpid(), room, hub_url, "starting", time.time(), participant_id=pid)
+                )
+                state_files.append(state_file)
+                with contextlib.suppress(OSError):
+                    state_file.update(force=True)
+                emit = _state_tracker(output, state_file)
+                prompts = 0
+                while True:
+                    session = Session(client, plan, emit, stop=threading.Event(), on_retry=retry_notice)
+                    output.status = session.status
+                    # From here on the join may reach the hub: a signal sets `wake`, and the session leaves.
+                    phase["starting"] = False
+                    if wake.is_set():
+                        break
+                    outcome = run_session(session, wake, on_started)
+                    error = outcome.error
+                    can_prompt = sys.stdin.isatty() and not received and mode != "json" and prompts < 3
+                    if isinstance(error, InvalidPassword) and can_prompt:
+                        import getpass
 
-    from llmroom_cli import endpoints
-    from llmroom_cli.agents import AgentState, StateFile
-    from llmroom_cli.client import HubClient
-    from llmroom_cli.errors import RoomNotFound
-    from llmroom_cli.identity import stable_participant_id
-    from llmroom_cli.render import JoinOutput
-    from llmroom_cli.session import Interrupted, JoinPlan, Session, capture_signals, run_session
-
-    wake = wake or threading.Event()
-    phase = {"starting": True}
-
-    def exit_now() -> None:
-        if output is not None:
-            output.close()
-        line = "interrupted again: exiting without waiting for the hub"
-        if plan_ref:
-            p = plan_ref[0]
-            line += f"; if it still lists you, run: {_leave_command(p.code, p.participant_id, p.hub_url)}"
-        _err(line)
-        os._exit(130)
-
-    plan_ref: list[Any] = []
-    lan_hub: str | None = None
-    withheld = False
-
-    def retry_notice(reason: str, remaining_s: float) -> None:
-        if mode != "quiet":
-            _err(f"{reason}; retrying for up to {remaining_s:.0f} s ...")
-
-    output: JoinOutput | None = None
-    try:
-        with capture_signals(wake, exit_now, interrupt=lambda: phase["starting"]) as received:
-            # Every URL this run may call: an https one among them (say --advertise) gets real
-            # certificate verification.
-            http = _http(hub_url, endpoints.probe_url(ep), *([advertise] if advertise else []))
-            chosen, published, hub_url, specs, lan_hub = _prepare_share(
-                http, hub_url, ep, model, no_specs, wait, mode, advertise, force, implicit_hub
-            )
-            withheld = False
-            if lan_hub is not None and secret:
-                interactive = sys.stdin.isatty() and sys.stderr.isatty() and mode != "json"
-                secret = _password_for_lan_hub(lan_hub, secret, interactive)
-                withheld = secret is None
-            pid = participant_id or stable_participant_id(hub_url, room, ep, lambda m: _err(f"warning: {m}"))
-            plan = JoinPlan(hub_url, room, pid, nick, chosen, published, secret, specs, cfg, interval)
-            plan_ref.append(plan)
-            info = {
-                "room": room,
-                "hub": hub_url,
-                "nickname": nick,
-                "model": chosen,
-                "endpoint": published,
-                "id": pid,
-            }
-            output = JoinOutput(mode, info)
-            output.on_broken = wake.set
-            if output_hook is not None:
-                output_hook(output)
-            client = HubClient(http, hub_url)
-            state_file = StateFile(
-                AgentState(os.getpid(), room, hub_url, "starting", time.time(), participant_id=pid)
-            )
-            tracker.append(state_file)
-            with contextlib.suppress(OSError):
-                state_file.update(force=True)
-            emit = _state_tracker(output, state_file)
-            prompts = 0
-            while True:
-                session = Session(client, plan, emit, stop=threading.Event(), on_retry=retry_notice)
-                output.status = session.status
-                # From here on the join may reach the hub: a signal sets `wake`, and the session leaves.
-                phase["starting"] = False
-                if wake.is_set():
+                        prompts += 1
+                        where = f" on hub {lan_hub} (found on the local network)" if lan_hub else ""
+                        _err(f"room {room}{where} is protected" if prompts == 1 else "wrong password")
+                        phase["starting"] = True  # a Ctrl-C at the prompt just ends the command
+                        plan.password = getpass.getpass("Room password: ")
+                        if plan.password:
+                            _secrets.add(plan.password)
+                        wake.clear()
+                        continue
                     break
-                outcome = run_session(session, wake, on_started)
-                error = outcome.error
-                can_prompt = sys.stdin.isatty() and not received and mode != "json" and prompts < 3
-                if isinstance(error, InvalidPassword) and can_prompt:
-                    import getpass
-
-                    prompts += 1
-                    where = f" on hub {lan_hub} (found on the local network)" if lan_hub else ""
-                    _err(f"room {room}{where} is protected" if prompts == 1 else "wrong password")
-                    phase["starting"] = True  # a Ctrl-C at the prompt just ends the command
-                    plan.password = getpass.getpass("Room password: ")
-                    if plan.password:
-                        _secrets.add(plan.password)
-                    wake.clear()
-                    continue
-                break
-    except Interrupted:
-        if output is not None:
+        except Interrupted:
+            if output is not None:
+                output.close()
+            if mode != "quiet":
+                _err("interrupted before joining: nothing to leave")
+            return 0
+        if wake.is_set() and not session.join_maybe_sent:
             output.close()
-        if mode != "quiet":
-            _err("interrupted before joining: nothing to leave")
-        return 0
-    if wake.is_set() and not session.join_maybe_sent:
+            return 0
         output.close()
-        return 0
-    output.close()
-    if error is not None:
-        if isinstance(error, InvalidPassword) and not plan.password and withheld:
-            raise InvalidPassword(
-                f"room {room} on hub {lan_hub} is protected, and the password was not sent to a hub"
-                " found on the local network",
-                f"name the hub to send it: --hub {hub_url}",
-            )
-        if isinstance(error, InvalidPassword) and not plan.password:
-            raise InvalidPassword(
-                f"room {room} is protected and no password was given",
-                "give it with --password-stdin or LLMROOM_PASSWORD",
-            )
-        if isinstance(error, RoomNotFound) and session.joined:
-            raise RoomNotFound(
-                f"room {room} is gone from {hub_url}",
-                "the hub restarted or the room was removed: create or pick a room and join again",
-            )
-        if isinstance(error, LlmroomError):
+        if error is not None:
+            if isinstance(error, InvalidPassword) and not plan.password and withheld:
+                raise InvalidPassword(
+                    f"room {room} on hub {lan_hub} is protected, and the password was not sent to a hub"
+                    " found on the local network",
+                    f"name the hub to send it: --hub {hub_url}",
+                )
+            if isinstance(error, InvalidPassword) and not plan.password:
+                raise InvalidPassword(
+                    f"room {room} is protected and no password was given",
+                    "give it with --password-stdin or LLMROOM_PASSWORD",
+                )
+            if isinstance(error, RoomNotFound) and session.joined:
+                raise RoomNotFound(
+                    f"room {room} is gone from {hub_url}",
+                    "the hub restarted or the room was removed: create or pick a room and join again",
+                )
+            if isinstance(error, LlmroomError):
+                raise error
             raise error
-        raise error
-    if outcome.confirmed is False:
-        _err(
-            f"warning: the hub at {hub_url} did not confirm the leave; if it still lists you, run: "
-            + _leave_command(room, plan.participant_id, hub_url)
-        )
-    return 0
+        if outcome.confirmed is False:
+            _err(
+                f"warning: the hub at {hub_url} did not confirm the leave; if it still lists you, run: "
+                + _leave_command(room, plan.participant_id, hub_url)
+            )
+        return 0
+    finally:
+        for state_file in state_files:
+            state_file.remove()
 
 
 # -- hubs -------------------------------------------------------------------------------------------
