@@ -1120,6 +1120,18 @@ def _join_flow(
             output.close()
             return 0
         output.close()
+        # Issue 14 item 10: a stop before the hub confirmed the join (Ctrl-C during the start-up retry
+        # against a hub that is down) joined nothing: no leave warning. session.py's Outcome decides
+        # what happened; this only words it. Exit 0, as for every stop by signal that leaves nothing.
+        if outcome.stopped_before_joining:
+            if outcome.left_behind:
+                _err(
+                    f"warning: stopped before joining, but a join request may have reached the hub at"
+                    f" {hub_url}; if it lists you, run: {_leave_command(room, plan.participant_id, hub_url)}"
+                )
+            elif mode != "quiet":
+                _err(f"stopped before joining: the hub at {hub_url} never took the join; nothing to leave")
+            return 0
         if error is not None:
             if isinstance(error, InvalidPassword) and not plan.password and withheld:
                 raise InvalidPassword(

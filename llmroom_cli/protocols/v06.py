@@ -40,7 +40,15 @@ from llmroom_cli.errors import (
     ParticipantNotFound,
     RoomNotFound,
 )
-from llmroom_cli.session import JoinPlan, Outcome, Schedule, Status, run_session
+from llmroom_cli.session import (
+    JoinPlan,
+    Outcome,
+    Pause,
+    Schedule,
+    Status,
+    never_reached_the_hub,
+    run_session,
+)
 
 Emit = Callable[[dict[str, Any]], None]
 Send = Callable[[dict[str, Any]], None]
@@ -732,7 +740,6 @@ class TunnelStatus(Status):
     close_code: int | None = None
     close_meaning: str | None = None
     hub_status: str | None = None  # the last heartbeat's answer: online | busy | offline
-    paused: str | None = None  # the reason, while paused
     requests: int = 0
 
 
@@ -758,10 +765,13 @@ class TunnelSession:
     same events; plus `pause(reason)` / `resume()`.
 
     Pause closes the tunnel and keeps the registration and the heartbeats: the hub shows the participant
-    at once as registered but not connected (`offline`, not routable, 503 for a request aimed at it),
-    and nobody sees a `participant.left`. It is the honest signal for "in the room, not serving right
-    now" (stopping heartbeats would take 30-40 s to show and leave the tunnel accepting requests).
-    Resume registers again and opens a new tunnel."""
+    at once as registered but not connected (`offline`, not routable: `model`/`*` routing skips it and
+    a request aimed at its id gets 503, reference section 4), and nobody sees a `participant.left`. It
+    is the honest signal for "in the room, not serving right now": a DELETE + re-PUT would tell the
+    room we left, and stopping heartbeats would take 30-40 s to show while the tunnel still took
+    requests. The heartbeats go on while paused (the hub answers `offline`, which is then expected),
+    a hub outage meanwhile is `reconnecting` then `paused` again, and nothing re-opens the tunnel
+    until `resume()`: that registers again (PUT, same id) and opens a new tunnel, at once."""
 
     def __init__(
         self,
@@ -806,8 +816,11 @@ class TunnelSession:
         self._serial = 0
         self._last_pong_at: float | None = None
         self._ping_outstanding = False
-        self._paused: str | None = None
+        self.join_may_have_landed = False  # see Session: False while every attempt was refused
+        self._pause_lock = threading.Lock()
+        self._paused: Pause | None = None  # what pause()/resume() want (any thread, under the lock)
         self._pause_changed = False
+        self._resuming = False  # resumed: the next tunnel that opens is announced as `resumed`
         self._rejoin_pending = False
         # Each request is shorter than the interval, so the hub sees an attempt every interval.
         self.request_timeout_s = max(min(5.0, plan.interval_s * 0.8), 0.05)
@@ -940,6 +953,11 @@ class TunnelSession:
             self._trouble("the hub shows this participant offline")
             self._drop_tunnel(self._tunnel, "hub shows us offline")
             return
+        if self.status.paused is not None and self._tunnel is None:
+            if self.status.state == "reconnecting":
+                # The hub answers again during the pause: the state is paused again, not online.
+                self._announce_pause()
+            return
         if self.status.state != "online" and self._tunnel is not None:
             self._back_online()
 
@@ -954,12 +972,18 @@ class TunnelSession:
                     return None
                 self.join_maybe_sent = True
                 timeout_s = max(self.request_timeout_s, 2.0) if startup else self.request_timeout_s
-                reg = self.client.register(
-                    self.plan.code,
-                    self.plan.participant_id,
-                    registration_body(self.plan, self.capabilities),
-                    timeout_s,
-                )
+                landed_before, self.join_may_have_landed = self.join_may_have_landed, True
+                try:
+                    reg = self.client.register(
+                        self.plan.code,
+                        self.plan.participant_id,
+                        registration_body(self.plan, self.capabilities),
+                        timeout_s,
+                    )
+                except HubUnavailable as exc:
+                    if never_reached_the_hub(exc):
+                        self.join_may_have_landed = landed_before
+                    raise
                 url = reg.tunnel_url + "?" + urlencode({"token": reg.token})
                 try:
                     conn = self._connect(url, timeout_s)
@@ -1028,6 +1052,13 @@ class TunnelSession:
             self._rejoin_pending = False
             self.status.rejoins += 1
             self.emit("rejoined", id=self.plan.participant_id)
+        if self._resuming:
+            self._resuming = False
+            self.status.attempt = 0
+            self.status.last_error = None
+            self.status.state = "online"
+            self.emit("resumed", id=self.plan.participant_id)
+            return True
         self._back_online()
         return True
 
@@ -1232,28 +1263,50 @@ class TunnelSession:
 
     # -- pause / resume -------------------------------------------------------------------------------
 
-    def pause(self, reason: str) -> None:
-        """Stop serving (the local server died): close the tunnel, keep heartbeats. Thread-safe."""
-        self._paused = reason
-        self._pause_changed = True
+    def pause(self, reason: str, cause: str = "server_down") -> None:
+        """Stop serving (the local server died, the GPU is busy): the lifecycle thread closes the
+        tunnel at its next wake-up, which this causes at once; heartbeats go on. Thread-safe, returns
+        at once; called again while paused it only updates the reason."""
+        with self._pause_lock:
+            self._paused = Pause(reason, cause)
+            self._pause_changed = True
         self._wake.set()
 
     def resume(self) -> None:
-        """Serve again: register and open a new tunnel. Thread-safe."""
-        self._paused = None
-        self._pause_changed = True
+        """Serve again: register (same id) and open a new tunnel, at once. Thread-safe."""
+        with self._pause_lock:
+            self._paused = None
+            self._pause_changed = True
         self._wake.set()
 
+    @property
+    def paused(self) -> bool:
+        return self.status.paused is not None
+
     def _apply_pause(self) -> None:
-        self._pause_changed = False
-        if self._paused is not None and self.status.paused is None:
-            self.status.paused = self._paused
-            self._close_tunnel(LEAVE_CLOSE_S, "paused: the local LLM server is unavailable")
-            self.status.tunnel = "paused"
-            self.emit("paused", reason=self._paused)
-        elif self._paused is None and self.status.paused is not None:
-            self.status.paused = None
-            self.emit("resumed")
+        with self._pause_lock:
+            self._pause_changed = False
+            want = self._paused
+        if want is not None:
+            changed = (want.reason, want.cause) != (self.status.paused, self.status.pause_cause)
+            first = self.status.paused is None
+            self.status.paused, self.status.pause_cause = want.reason, want.cause
+            self._resuming = False
+            if first:
+                self._close_tunnel(LEAVE_CLOSE_S, "paused: not serving for now")
+                self.status.tunnel = "paused"
+            if first or changed:
+                self._announce_pause()
+        elif self.status.paused is not None:
+            self.status.paused = self.status.pause_cause = None
+            # The loop reconnects now (no tunnel, not paused); that tunnel is announced as `resumed`.
+            self._resuming = True
+
+    def _announce_pause(self) -> None:
+        self.status.state = "paused"
+        self.status.attempt = 0
+        self.status.last_error = None
+        self.emit("paused", reason=self.status.paused, cause=self.status.pause_cause)
 
     # -- leave --------------------------------------------------------------------------------------
 
@@ -1279,6 +1332,12 @@ class TunnelSession:
             self.status.state = "left"
             return True
         got = self._in_flight.acquire(timeout=LEAVE_WAIT_INFLIGHT_S)
+        if got and not self.join_may_have_landed:
+            # Every registration was refused at the connection: nothing of ours is on the hub.
+            self._in_flight.release()
+            self.left = True
+            self.status.state = "left"
+            return True
         with self._lock:
             tunnel, self._tunnel = self._tunnel, None
         closer = None
