@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -665,3 +665,207 @@ def _windows_registry(registry: Registry, log: Debug) -> list[GpuInfo]:
             GpuInfo(str(name).strip(), vram, vendor, str(driver) if driver else None, source="registry")
         )
     return gpus
+
+
+# -- GPU use by other processes (--pause-when-busy) ---------------------------------------------------
+#
+# The owner's own work comes first: while processes other than the shared server use the GPU, the
+# participant pauses. "Busy" is judged from NVML, per GPU, on processes whose pid is not the server's:
+#   - their SM utilisation (nvmlDeviceGetProcessUtilization samples since the last reading) of at
+#     least BUSY_UTIL_PERCENT on any GPU: a training run, a render, a game. Where the driver has no
+#     per-process samples (NotSupported: some consumer boards, vGPU), the device's utilisation
+#     (nvmlDeviceGetUtilizationRates) counts instead, but only on a GPU where another process runs,
+#     so a GPU that only the server uses is never "busy" (the server's own load would then count
+#     towards it on such a driver: the price of having no per-process figure);
+#   - or their GPU memory (compute and graphics processes, nvmlDeviceGet*RunningProcesses) of at least
+#     BUSY_MEMORY_BYTES in all: a loaded model or a game's textures squeeze the server even when idle.
+#     A desktop (Xorg, a compositor, a browser) takes 100-500 MiB, hence 1 GiB.
+# Hysteresis, so that bursty work (a game's loading screens, a notebook between cells) does not flap:
+# busy at once on one reading over the thresholds; free again only after FREE_READINGS readings in a
+# row under the lower FREE_* thresholds.
+BUSY_UTIL_PERCENT = 20
+BUSY_MEMORY_BYTES = 1 * GIB
+FREE_UTIL_PERCENT = 10
+FREE_MEMORY_BYTES = 512 * MIB
+FREE_READINGS = 2
+
+
+class GpuUnavailable(Exception):
+    """No NVIDIA GPU that NVML can read (no library, no driver, no device): busy-ness is unknown."""
+
+
+@dataclass
+class OtherGpuUse:
+    """What processes other than the shared server do on this machine's NVIDIA GPUs, in one reading.
+    `util_percent` is the highest on any one GPU; `memory_bytes` is summed over all GPUs."""
+
+    util_percent: int
+    memory_bytes: int
+    pids: list[int]
+    util_source: str = "process"  # process | device (the fallback, see above)
+
+    def describe(self) -> str:
+        """ "other processes use the GPU: 45% utilisation, 3.2 GiB (pids 1234, 5678)" """
+        who = ", ".join(str(p) for p in self.pids[:4]) + (" ..." if len(self.pids) > 4 else "")
+        where = f" (pid{'s' if len(self.pids) > 1 else ''} {who})" if self.pids else ""
+        return (
+            f"other processes use the GPU: {self.util_percent}% utilisation,"
+            f" {self.memory_bytes / GIB:.1f} GiB{where}"
+        )
+
+
+def other_gpu_use(
+    exclude_pids: Collection[int], nvml: Any, since_us: int = 0, log: Debug | None = None
+) -> OtherGpuUse:
+    """One reading of the GPU use of every process not in `exclude_pids`, through an NVML that is
+    already initialised (`nvml`: the pynvml module or a fake). Raises GpuUnavailable when there is no
+    GPU, and pynvml's NVMLError when a call the reading needs fails. `since_us`: per-process samples
+    older than this (microseconds since the epoch, NVML's clock) are ignored."""
+    say = safe_debug(log)
+    count = int(nvml.nvmlDeviceGetCount())
+    if count == 0:
+        raise GpuUnavailable("NVML sees no GPU")
+    excluded = set(exclude_pids)
+    top_util = 0
+    memory = 0
+    pids: set[int] = set()
+    source = "process"
+    for index in range(count):
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        others: dict[int, int] = {}
+        for call in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+            try:
+                procs = getattr(nvml, call)(handle)
+            except Exception as exc:  # NotSupported for graphics on a compute board: skip that list
+                say(f"nvml: GPU {index} {call}: {type(exc).__name__}: {exc}")
+                continue
+            for proc in procs:
+                pid = int(proc.pid)
+                if pid in excluded:
+                    continue
+                used = getattr(proc, "usedGpuMemory", None)
+                # None (or NVML's "not available" sentinel, 2**64 - 1) where the driver cannot say
+                # (WDDM, some containers): the process is there, its memory unknown.
+                size = int(used) if isinstance(used, int) and 0 <= used < 2**63 else 0
+                others[pid] = max(others.get(pid, 0), size)
+        memory += sum(others.values())
+        pids.update(others)
+        util, kind = _others_util(nvml, handle, excluded, bool(others), since_us, index, say)
+        if kind == "device":
+            source = "device"
+        top_util = max(top_util, util)
+    return OtherGpuUse(top_util, memory, sorted(pids), source)
+
+
+def _others_util(
+    nvml: Any, handle: Any, excluded: set[int], others_present: bool, since_us: int, index: int, say: Debug
+) -> tuple[int, str]:
+    try:
+        samples = nvml.nvmlDeviceGetProcessUtilization(handle, since_us)
+    except Exception as exc:
+        value = getattr(exc, "value", None)
+        # NotFound (or pynvml's NVMLError(0) for an empty buffer): no process ran since `since_us`.
+        if value in (0, getattr(nvml, "NVML_ERROR_NOT_FOUND", 6)):
+            return 0, "process"
+        say(f"nvml: GPU {index} per-process utilisation: {type(exc).__name__}: {exc}; device figure used")
+        if not others_present:
+            return 0, "device"
+        return int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu), "device"
+    util = 0
+    for sample in samples:
+        if int(sample.pid) in excluded or int(sample.timeStamp) < since_us:
+            continue
+        util = max(util, int(sample.smUtil))
+    return util, "process"
+
+
+@dataclass
+class BusyReading:
+    """One check of --pause-when-busy: `busy` None when it cannot tell (no GPU, an NVML error);
+    `reason` says why in words (for a `paused` event, or for the one note that it cannot tell)."""
+
+    busy: bool | None
+    reason: str
+    use: OtherGpuUse | None = None
+
+
+class GpuBusyMeter:
+    """`check()` -> BusyReading, with the thresholds and hysteresis above. NVML is initialised on the
+    first check and kept until `close()` (an init costs ~15 ms: not once per interval). Never raises.
+
+    `exclude_pids()` gives the shared server's pids at each check (a server that restarts changes
+    them); `nvml` is pynvml or a fake, imported lazily; `clock_us` is NVML's clock (epoch µs)."""
+
+    def __init__(
+        self,
+        exclude_pids: Callable[[], Collection[int]],
+        nvml: Any = None,
+        log: Debug | None = None,
+        clock_us: Callable[[], int] | None = None,
+    ) -> None:
+        self.exclude_pids = exclude_pids
+        self._nvml = nvml
+        self._log = safe_debug(log)
+        self._clock_us = clock_us or _epoch_us
+        self._live = False
+        self._gone: str | None = None  # why there is no GPU to watch, once known: never retried
+        self._busy = False
+        self._quiet_readings = 0
+        self._since_us = 0
+
+    def check(self) -> BusyReading:
+        if self._gone is not None:
+            return BusyReading(None, self._gone)
+        try:
+            nvml = self._ensure()
+            now_us = self._clock_us()
+            use = other_gpu_use(self.exclude_pids(), nvml, self._since_us, self._log)
+            self._since_us = now_us
+        except GpuUnavailable as exc:
+            self._gone = f"no NVIDIA GPU to watch ({exc})"
+            self.close()
+            return BusyReading(None, self._gone)
+        except Exception as exc:  # an NVML call failed (GpuIsLost, Unknown, a timeout): keep the state
+            self._log(f"nvml: busy check failed: {type(exc).__name__}: {exc}")
+            return BusyReading(None, f"the GPU could not be read ({type(exc).__name__}: {exc})")
+        over = use.util_percent >= BUSY_UTIL_PERCENT or use.memory_bytes >= BUSY_MEMORY_BYTES
+        under = use.util_percent < FREE_UTIL_PERCENT and use.memory_bytes < FREE_MEMORY_BYTES
+        if over:
+            self._busy, self._quiet_readings = True, 0
+        elif self._busy and under:
+            self._quiet_readings += 1
+            if self._quiet_readings >= FREE_READINGS:
+                self._busy, self._quiet_readings = False, 0
+        elif self._busy:
+            self._quiet_readings = 0  # between the thresholds: still busy, start counting again
+        return BusyReading(self._busy, use.describe(), use)
+
+    def _ensure(self) -> Any:
+        if self._nvml is None:
+            try:
+                import pynvml
+            except Exception as exc:
+                raise GpuUnavailable(f"pynvml not importable: {exc}") from None
+            self._nvml = pynvml
+        if not self._live:
+            try:
+                self._nvml.nvmlInit()
+            except Exception as exc:  # LibraryNotFound, DriverNotLoaded, NoPermission ...
+                raise GpuUnavailable(f"NVML: {type(exc).__name__}: {exc}") from None
+            self._live = True
+        return self._nvml
+
+    def close(self) -> None:
+        """Shut NVML down if this meter initialised it; checks after this start it again."""
+        if self._live:
+            self._live = False
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception as exc:
+                self._log(f"nvml: shutdown failed: {exc!r}")
+
+
+def _epoch_us() -> int:
+    import time
+
+    return int(time.time() * 1_000_000)
