@@ -694,6 +694,10 @@ class GpuUnavailable(Exception):
     """No NVIDIA GPU that NVML can read (no library, no driver, no device): busy-ness is unknown."""
 
 
+class BusyUnknown(Exception):
+    """Busy-ness cannot be told this time (say, the server's pids cannot be found while it restarts)."""
+
+
 @dataclass
 class OtherGpuUse:
     """What processes other than the shared server do on this machine's NVIDIA GPUs, in one reading.
@@ -787,6 +791,7 @@ class BusyReading:
     busy: bool | None
     reason: str
     use: OtherGpuUse | None = None
+    final: bool = False  # busy None for good: there is no GPU to watch (said once, never retried)
 
 
 class GpuBusyMeter:
@@ -815,7 +820,7 @@ class GpuBusyMeter:
 
     def check(self) -> BusyReading:
         if self._gone is not None:
-            return BusyReading(None, self._gone)
+            return BusyReading(None, self._gone, final=True)
         try:
             nvml = self._ensure()
             now_us = self._clock_us()
@@ -824,7 +829,9 @@ class GpuBusyMeter:
         except GpuUnavailable as exc:
             self._gone = f"no NVIDIA GPU to watch ({exc})"
             self.close()
-            return BusyReading(None, self._gone)
+            return BusyReading(None, self._gone, final=True)
+        except BusyUnknown as exc:
+            return BusyReading(None, str(exc))
         except Exception as exc:  # an NVML call failed (GpuIsLost, Unknown, a timeout): keep the state
             self._log(f"nvml: busy check failed: {type(exc).__name__}: {exc}")
             return BusyReading(None, f"the GPU could not be read ({type(exc).__name__}: {exc})")

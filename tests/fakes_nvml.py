@@ -123,6 +123,36 @@ class FakeNvml:
             raise pynvml.NVMLError_NotFound()
         return _Handle(handle.index, handle.device, mig_slice=index)
 
+    # -- processes and utilisation (--pause-when-busy) --
+    # Per device: "compute" / "graphics": [{"pid", "used"}] (used None: the driver cannot say);
+    # "util": {"gpu", "memory"} as recorded (0/0 on the idle H200); "process_util": [{"pid", "sm",
+    # "ts"}], or None where the driver has no per-process samples (NotSupported).
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: _Handle) -> list[SimpleNamespace]:
+        self._check("nvmlDeviceGetComputeRunningProcesses")
+        return _procs(handle.device.get("compute", []))
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: _Handle) -> list[SimpleNamespace]:
+        self._check("nvmlDeviceGetGraphicsRunningProcesses")
+        return _procs(handle.device.get("graphics", []))
+
+    def nvmlDeviceGetUtilizationRates(self, handle: _Handle) -> SimpleNamespace:
+        self._check("nvmlDeviceGetUtilizationRates")
+        return SimpleNamespace(**handle.device["util"])
+
+    def nvmlDeviceGetProcessUtilization(self, handle: _Handle, timeStamp: int) -> list[SimpleNamespace]:
+        self._check("nvmlDeviceGetProcessUtilization")
+        samples = handle.device.get("process_util", [])
+        if samples is None:
+            raise pynvml.NVMLError_NotSupported()
+        recent = [
+            SimpleNamespace(pid=s["pid"], smUtil=s["sm"], memUtil=0, timeStamp=s.get("ts", timeStamp + 1))
+            for s in samples
+            if s.get("ts", timeStamp + 1) > timeStamp
+        ]
+        if not recent:
+            raise pynvml.NVMLError_NotFound()  # what the real call does with no sample in the window
+        return recent
+
     # -- helpers --
     def _check(self, call: str) -> None:
         if not self._live:
@@ -133,6 +163,10 @@ class FakeNvml:
 
     def _str(self, text: str) -> str | bytes:
         return text.encode() if self.bytes_strings else text
+
+
+def _procs(entries: list[dict[str, Any]]) -> list[SimpleNamespace]:
+    return [SimpleNamespace(pid=e["pid"], usedGpuMemory=e.get("used")) for e in entries]
 
 
 def _h200(index: int) -> dict[str, Any]:

@@ -32,7 +32,13 @@ class Hub:
         self.lock = threading.Lock()
 
     def __call__(self, req: httpx.Request) -> httpx.Response:
-        route = "join" if req.url.path.endswith("/join") else "health" if req.url.path.endswith("/health") else "leave"
+        route = (
+            "join"
+            if req.url.path.endswith("/join")
+            else "health"
+            if req.url.path.endswith("/health")
+            else "leave"
+        )
         with self.lock:
             self.requests.append((req.method, route))
             if route == "join":
