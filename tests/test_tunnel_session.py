@@ -376,6 +376,35 @@ def test_pause_closes_the_tunnel_keeps_the_registration_and_resume_reopens(hub: 
     agent.leave()
 
 
+def test_pause_carries_its_cause_and_a_hub_outage_while_paused_does_not_reopen_the_tunnel(hub: Any) -> None:
+    code = hub.create_room("Open Room")
+    agent = Agent(hub, code).start()
+    hub.wait_for(lambda: connected(hub, code), "online")
+    agent.session.pause("the GPU is busy: other processes use it", "gpu_busy")
+    paused = agent.wait_event("paused")
+    assert (paused["cause"], paused["reason"]) == ("gpu_busy", "the GPU is busy: other processes use it")
+    assert agent.session.status.state == "paused" and agent.session.status.tunnel == "paused"
+    opened = len(upgrades(hub))
+    hub.freeze()
+    agent.wait_event("reconnecting")  # the heartbeats go on while paused, and notice the outage
+    hub.unfreeze()
+    again = agent.wait_event("paused", after=agent.names().index("reconnecting"))
+    assert again["cause"] == "gpu_busy" and agent.session.status.state == "paused"
+    n = len(agent.events)
+    agent.wait_event("heartbeat", after=n)
+    assert len(upgrades(hub)) == opened  # nothing re-opened the tunnel of the paused participant
+    assert "online" not in agent.names()[n - 1 :] and "resumed" not in agent.names()
+    agent.session.resume()
+    resumed = agent.wait_event("resumed")
+    assert resumed["id"] == "p1" and agent.session.status.state == "online"
+    # "resumed" comes once the hub has the tunnel again, not when resume() was called.
+    assert agent.names().index("resumed") > max(
+        i for i, e in enumerate(agent.events) if e["event"] == "tunnel"
+    )
+    hub.wait_for(lambda: connected(hub, code), "serving again")
+    agent.leave()
+
+
 # -- an in-memory tunnel: situations the reference hub does not produce on demand ---------------------
 
 
