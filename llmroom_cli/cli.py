@@ -1130,7 +1130,8 @@ def _join_flow(
                     f" {hub_url}; if it lists you, run: {_leave_command(room, plan.participant_id, hub_url)}"
                 )
             elif mode != "quiet":
-                _err(f"stopped before joining: the hub at {hub_url} never took the join; nothing to leave")
+                why = "" if outcome.reached_hub else f" (the hub at {hub_url} never answered)"
+                _err(f"stopped before joining{why}: nothing to leave")
             return 0
         if error is not None:
             if isinstance(error, InvalidPassword) and not plan.password and withheld:

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from llmroom_cli.client import HubClient
 from llmroom_cli.errors import (
@@ -33,9 +33,6 @@ from llmroom_cli.errors import (
 )
 
 Emit = Callable[[dict[str, Any]], None]
-# Why a participant is paused, for scripts (`paused` events carry it as `cause`; `reason` is the words).
-PauseCause = Literal["server_down", "gpu_busy"]
-PAUSE_CAUSES: tuple[str, ...] = ("server_down", "gpu_busy")
 
 # How long start-up keeps retrying an unreachable hub before exit 5 (the issue allows ~20 s at most).
 STARTUP_RETRY_S = 10.0
@@ -117,7 +114,7 @@ class Pause:
     """What `pause()` asked for: the words for people and the cause for scripts."""
 
     reason: str
-    cause: str = "server_down"
+    cause: str = "server_down"  # server_down | gpu_busy
 
 
 class _Wakeable(threading.Event):
@@ -243,6 +240,8 @@ class Session:
                         if never_reached_the_hub(exc):
                             self.join_may_have_landed = landed_before
                         raise
+                    # Under the lock: a leave() waiting for this request then knows it was joined.
+                    self.joined = True
                 break
             except HubUnavailable as exc:
                 remaining = deadline - self.clock()
@@ -253,7 +252,6 @@ class Session:
                 if self.stop.wait(min(delay, remaining)):
                     return
                 delay = min(delay * 2, 2.0)
-        self.joined = True
         self.status.state = "online"
         self.status.joined_at = self.clock()
         participant = data.get("participant", {})
@@ -504,6 +502,8 @@ class Outcome:
     - `stopped_before_joining`: a stop (no error) before any join was confirmed, say Ctrl-C during the
       start-up retry against a hub that is down: there is no "left" event and no leave warning;
     - `confirmed`: for a joined run, whether the hub confirmed the leave (None: no leave was sent);
+    - `reached_hub`: a join attempt may have reached the hub (False: every one was refused at the
+      connection, the hub is down);
     - `left_behind`: not joined, but a join attempt may have reached the hub (it timed out) and the
       clean-up DELETE was not confirmed either: the hub may list us, so the CLI gives the command.
     """
@@ -512,6 +512,7 @@ class Outcome:
         self.error: BaseException | None = None
         self.confirmed: bool | None = None
         self.joined = False
+        self.reached_hub = False
         self.left_behind = False
 
     @property
@@ -566,7 +567,6 @@ def run_session(
     while not wake.wait(0.5):
         pass
     session.stop.set()
-    outcome.joined = session.joined
     # No join of the worker here: leave() itself waits (briefly) for a request in flight, which keeps
     # the worst case (a frozen hub) at LEAVE_WAIT_INFLIGHT_S + LEAVE_TIMEOUT_S, well inside 3 s.
     if isinstance(outcome.error, nothing_to_leave):
@@ -575,15 +575,18 @@ def run_session(
         return outcome
     if not session.join_maybe_sent:
         return outcome
+    confirmed = session.leave()  # waits for a join in flight first, so `joined` is settled after it
+    outcome.joined = session.joined
+    outcome.reached_hub = session.join_may_have_landed
     if not session.joined:
         # Start-up failed or was stopped before the hub confirmed the join. When every attempt was
-        # refused at the connection, nothing reached the hub: nothing to leave. Otherwise (a timeout)
-        # the join may still have landed: clean up, quietly: the run's events are just the error.
-        # (leave() itself sends nothing when no attempt got through.)
-        outcome.left_behind = not session.leave()
+        # refused at the connection, nothing reached the hub and leave() sent nothing. Otherwise (a
+        # timeout) the join may still have landed and leave() took it back, quietly: the run's
+        # events are just the error, or nothing.
+        outcome.left_behind = not confirmed
         return outcome
-    outcome.confirmed = session.leave()
-    session.emit("left", confirmed=outcome.confirmed)
+    outcome.confirmed = confirmed
+    session.emit("left", confirmed=confirmed)
     return outcome
 
 

@@ -206,7 +206,7 @@ def test_ctrl_c_while_the_hub_is_down_says_stopped_before_joining_and_exits_zero
     with StandIn() as llm:
         code, out, err = _interrupt_during_retry(_agent(f"http://127.0.0.1:{port}", llm))
     assert code == 0, err
-    assert "stopped before joining" in err and "nothing to leave" in err
+    assert "stopped before joining (the hub at" in err and "never answered): nothing to leave" in err
     assert "did not confirm" not in err and "llmroom leave" not in err and "Traceback" not in err
     assert out == ""  # no joined, no left: nothing happened in any room
 
