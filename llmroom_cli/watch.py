@@ -109,6 +109,7 @@ class ServerWatch:
         self._busy = _Bounded(busy, "llmroom-watch-gpu") if busy is not None else None
         self._lock = threading.Lock()
         self._down = False
+        self._down_reports = 0  # server_down() calls so far: one during a ping outranks that ping
         self._gpu: BusyReading | None = None  # the last reading that said busy
         self._applied: tuple[str, str] | None = None  # (cause, reason) last sent to the session
         self._stop = threading.Event()
@@ -126,6 +127,7 @@ class ServerWatch:
         """A relayed request failed to connect to the server: pause now, not at the next interval."""
         with self._lock:
             self._down = True
+            self._down_reports += 1
             self._apply()
 
     def close(self, timeout_s: float = 1.0) -> None:
@@ -141,10 +143,13 @@ class ServerWatch:
     def check_now(self) -> None:
         """One round of checks and the transition it implies (the thread calls it; so may tests)."""
         try:
+            with self._lock:
+                reports = self._down_reports
             up = self._ping(self.check_timeout_s, False) is True
             reading = self._read_gpu()
             with self._lock:
-                self._down = not up
+                # A relayed request that failed while this ping ran is newer news than the ping.
+                self._down = not up or self._down_reports != reports
                 if reading is not None and reading.busy is not None:
                     self._gpu = reading if reading.busy else None
                 self._apply()

@@ -203,3 +203,16 @@ def test_server_pids_finds_the_listener_of_a_local_port_and_nothing_for_a_remote
             pytest.skip(f"this platform does not show listening sockets: {exc!r}")
         assert os.getpid() in found
     assert server_pids("http://192.0.2.1:11434") == set()
+
+
+def test_a_failure_reported_while_a_ping_runs_outranks_that_ping() -> None:
+    holder: list[ServerWatch] = []
+
+    def ping_that_races() -> bool:
+        holder[0].server_down()  # a relayed request fails while this (good) ping is in flight
+        return True
+
+    w, session, _ = watch(ping_that_races)
+    holder.append(w)
+    w.check_now()
+    assert session.kinds() == ["pause:server_down"]  # not paused then resumed by the stale ping
