@@ -762,7 +762,7 @@ class _Wakeable(threading.Event):
 class TunnelSession:
     """One participant in one room of a v0.6 hub, served through the tunnel. Shaped like the v0.1
     `Session`: `join()`, `heartbeat_loop()` (until `stop` is set), `leave() -> bool`, `status`, and the
-    same events; plus `pause(reason)` / `resume()`.
+    same events; plus `pause(reason, cause)` / `resume()` (events `paused`, `resumed`).
 
     Pause closes the tunnel and keeps the registration and the heartbeats: the hub shows the participant
     at once as registered but not connected (`offline`, not routable: `model`/`*` routing skips it and
