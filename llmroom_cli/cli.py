@@ -707,13 +707,13 @@ def probe(
             http = _http(endpoints.probe_url(base))
             servers = [endpoints.probe(http, base)]
         else:
-            http = _http("http://127.0.0.1")
-            servers = endpoints.probe_local(http)
+            servers = endpoints.find_servers()  # every usual port at once, within a deadline
             if not servers:
                 if json_out:
                     _print_json([])
+                ports = endpoints.ports_of(endpoints.LOCAL_CANDIDATES)
                 raise EndpointError(
-                    "no LLM server answers on the usual local ports (11434, 1234, 8080, 9931, 8000)",
+                    f"no LLM server answers on the usual local ports ({ports})",
                     "start one, or give its URL: llmroom probe http://HOST:PORT",
                 )
         if json_out:
