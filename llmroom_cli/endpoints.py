@@ -59,7 +59,7 @@ LOCAL_CANDIDATES = (
 
 CONNECT_S = 0.5
 READ_S = 2.0
-# probe_local knocks on ports that usually have nothing (refused at once) or something unrelated.
+# find_servers knocks on ports that usually have nothing (refused at once) or something unrelated.
 LOCAL_READ_S = 0.8
 # Requests wait for a free connection of the caller's pool (it may hold only a few).
 POOL_S = 5.0
