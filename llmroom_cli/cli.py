@@ -635,20 +635,38 @@ def leave(
 # -- specs / probe ----------------------------------------------------------------------------------
 
 
+# `specs` and `join` take the same --share: `specs --share ...` shows what `join --share ...` sends.
+ShareOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--share",
+        metavar="FIELD,...",
+        help="Only these spec fields: gpu, vram, ram, cpu, cpu_cores, gpus, unified_memory, os,"
+        " arch, llm (comma-separated or repeated).",
+        show_default=False,
+    ),
+]
+
+
 @app.command()
-def specs(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
-    """Show this machine's specs: what `join` sends to the room."""
+def specs(json_out: JsonOpt = False, share: ShareOpt = None, debug: DebugOpt = False) -> None:
+    """Show this machine's specs: what `join` sends to the room (with --share: only those fields)."""
 
     def body() -> None:
-        from llmroom_cli.specs import detect_specs
+        from llmroom_cli.specs import detect_specs, parse_share
 
-        found = detect_specs(_debug if _state["debug"] else None)
+        fields = parse_share(share) if share is not None else None  # exit 2 before any probing
+        everything = detect_specs(_debug if _state["debug"] else None)
+        found = everything.select(fields)
         if json_out:
             _print_json(found.data)
             return
         from llmroom_cli.render import print_table
 
         print_table(("WHAT", "VALUE", "SOURCE"), [[r.what, r.value, r.source] for r in found.rows])
+        held = [k for k in everything.data if k not in found.data]
+        if fields is not None and held:
+            _err(f"not shared with --share {','.join(fields)}: {', '.join(held)}")
 
     _run(body, debug)
 
@@ -707,13 +725,13 @@ def probe(
             http = _http(endpoints.probe_url(base))
             servers = [endpoints.probe(http, base)]
         else:
-            http = _http("http://127.0.0.1")
-            servers = endpoints.probe_local(http)
+            servers = endpoints.find_servers()  # every usual port at once, within a deadline
             if not servers:
                 if json_out:
                     _print_json([])
+                ports = endpoints.ports_of(endpoints.LOCAL_CANDIDATES)
                 raise EndpointError(
-                    "no LLM server answers on the usual local ports (11434, 1234, 8080, 9931, 8000)",
+                    f"no LLM server answers on the usual local ports ({ports})",
                     "start one, or give its URL: llmroom probe http://HOST:PORT",
                 )
         if json_out:

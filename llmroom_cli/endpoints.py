@@ -31,8 +31,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -57,12 +59,15 @@ LOCAL_CANDIDATES = (
 
 CONNECT_S = 0.5
 READ_S = 2.0
-# probe_local knocks on ports that usually have nothing (refused at once) or something unrelated.
+# find_servers knocks on ports that usually have nothing (refused at once) or something unrelated.
 LOCAL_READ_S = 0.8
 # Requests wait for a free connection of the caller's pool (it may hold only a few).
 POOL_S = 5.0
 # A model list is a few KiB; a stranger's endpoint could stream anything.
 MAX_BODY_BYTES = 4 << 20
+# The whole local search (every port at once): a server that answers slower than this is not one
+# `join` should pick unasked; `probe URL` / `--endpoint URL` still wait READ_S for it.
+SEARCH_DEADLINE_S = 2.0
 
 _PULL_HINT = {
     "ollama": "pull one first, as in: ollama pull llama3.2",
@@ -228,12 +233,14 @@ class _Prober:
         api_key: str | None,
         read_s: float,
         credentials: Mapping[str, str] | None = None,
+        deadline: float | None = None,
     ) -> None:
         self.http = http
         self.base = base
         self.auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.auth.update(credentials or {})
-        self.timeout = httpx.Timeout(connect=CONNECT_S, read=read_s, write=read_s, pool=POOL_S)
+        self.read_s = read_s
+        self.deadline = deadline  # time.monotonic() after which no route is asked or read further
         self.cache: dict[str, _Answer] = {}
 
     def get(self, *paths: str) -> list[_Answer]:
@@ -249,14 +256,27 @@ class _Prober:
     def one(self, path: str) -> _Answer:
         return self.get(path)[0]
 
+    def _timeout(self) -> httpx.Timeout | None:
+        """Per-operation timeouts, cut to what is left before the deadline (None: it has passed)."""
+        left = self.read_s if self.deadline is None else self.deadline - time.monotonic()
+        if left <= 0:
+            return None
+        read = min(self.read_s, left)
+        return httpx.Timeout(connect=min(CONNECT_S, left), read=read, write=read, pool=min(POOL_S, left))
+
     def _fetch(self, path: str) -> _Answer:
+        late = _Answer(0, {}, problem="no answer in time")
+        timeout = self._timeout()
+        if timeout is None:
+            return late
         try:
-            with self.http.stream(
-                "GET", self.base + path, headers=self.auth, timeout=self.timeout
-            ) as response:
+            with self.http.stream("GET", self.base + path, headers=self.auth, timeout=timeout) as response:
                 chunks: list[bytes] = []
                 size = 0
                 for chunk in response.iter_bytes():
+                    # A server trickling bytes never trips a per-read timeout: the clock does.
+                    if self.deadline is not None and time.monotonic() > self.deadline:
+                        return late
                     size += len(chunk)
                     if size > MAX_BODY_BYTES:
                         break
@@ -365,16 +385,19 @@ def probe(
     *,
     read_s: float = READ_S,
     credentials: Mapping[str, str] | None = None,
+    deadline_s: float | None = None,
 ) -> ServerInfo:
     """Identify the server at `url` and list its models; raises EndpointError when it cannot.
 
     A server that is still loading its model answers with status "loading" (no error). `url` may be
     a bind address (0.0.0.0): it is probed through `probe_url`, and reported as given (normalised).
     `credentials` are headers sent with every probe request (options.parse_headers: the API key as
-    `Authorization: Bearer`, --header ones); they are never part of a message.
+    `Authorization: Bearer`, --header ones); they are never part of a message. `deadline_s` bounds
+    the whole probe (every route; a read already under way ends within `read_s`).
     """
     base = normalize_endpoint(url)
-    prober = _Prober(http, probe_url(base), api_key, read_s, credentials)
+    deadline = None if deadline_s is None else time.monotonic() + deadline_s
+    prober = _Prober(http, probe_url(base), api_key, read_s, credentials, deadline)
     v1 = prober.one("/v1/models")
     if v1.status == 0:
         raise EndpointError(f"no LLM server answers at {base}: {v1.problem}; is it running?")
@@ -652,24 +675,114 @@ _TRY: dict[str, Callable[..., ServerInfo | str | None]] = {
 }
 
 
-def probe_local(http: httpx.Client, candidates: Sequence[str] = LOCAL_CANDIDATES) -> list[ServerInfo]:
-    """Probe the usual local addresses at once; every server found, in the order of `candidates`.
+def find_servers(
+    http: httpx.Client | None = None,
+    candidates: Sequence[str] = LOCAL_CANDIDATES,
+    *,
+    read_s: float = LOCAL_READ_S,
+    deadline_s: float = SEARCH_DEADLINE_S,
+) -> list[ServerInfo]:
+    """The LLM servers answering at `candidates` (the usual local ports), in the order of `candidates`.
 
-    An address where nothing answers, or something that is not an LLM server (or wants a key), is
-    skipped silently: this is a search, not a check.
+    Every address is probed at once, each within `read_s` per read and the whole search within
+    `deadline_s`: a probe still running then is dropped (it ends by itself within one read). An
+    address where nothing answers, or something that is not an LLM server (or wants a key), is skipped
+    silently: this is a search, not a check. Without `http`, a client with a connection for every
+    route of every candidate is used (a shared client's small pool would make the probes queue).
     """
+    if not candidates:
+        return []
+    if http is None:
+        with _search_client(len(candidates)) as own:
+            return find_servers(own, candidates, read_s=read_s, deadline_s=deadline_s)
 
     def one(url: str) -> ServerInfo | None:
         try:
-            return probe(http, url, read_s=LOCAL_READ_S)
+            return probe(http, url, read_s=read_s, deadline_s=deadline_s)
         except EndpointError:
             return None
 
-    if not candidates:
-        return []
-    with ThreadPoolExecutor(max_workers=len(candidates), thread_name_prefix="llmroom-local") as pool:
-        found = list(pool.map(one, candidates))
+    pool = ThreadPoolExecutor(max_workers=len(candidates), thread_name_prefix="llmroom-search")
+    try:
+        futures = [pool.submit(one, url) for url in candidates]
+        # A little past the deadline: a probe that got its answers just in time still returns.
+        wait_futures(futures, timeout=deadline_s + 0.1)
+        found = [f.result() for f in futures if f.done() and not f.cancelled()]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     return [s for s in found if s is not None]
+
+
+def _search_client(count: int) -> httpx.Client:
+    import ssl
+
+    # Loopback http:// only: a bare TLS context costs nothing (certifi's bundle costs ~30 ms).
+    return httpx.Client(
+        limits=httpx.Limits(max_connections=8 * count, max_keepalive_connections=2 * count),
+        verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT),
+        follow_redirects=False,
+    )
+
+
+def probe_local(http: httpx.Client, candidates: Sequence[str] = LOCAL_CANDIDATES) -> list[ServerInfo]:
+    """`find_servers` over `http` (kept for callers of the older name)."""
+    return find_servers(http, candidates)
+
+
+def ports_of(candidates: Sequence[str]) -> str:
+    """ "11434, 1234, 8080": the ports of the searched addresses, for messages."""
+    return ", ".join(str(urlsplit(u).port or u) for u in candidates)
+
+
+def server_label(info: ServerInfo) -> str:
+    """One line naming a found server: kind, version, URL and what it offers."""
+    version = f" {info.version}" if info.version else ""
+    chat = len(info.chat_models())
+    offers = "loading a model" if info.status == "loading" else f"{chat} chat model{'s' * (chat != 1)}"
+    return f"{info.kind}{version} at {info.url} ({offers})"
+
+
+def match_server(answer: str, servers: Sequence[ServerInfo]) -> ServerInfo | None:
+    """The server a typed answer names: its number in the list (1-based), its URL (with or without
+    the scheme), its port, or its kind when only one server is of that kind; else None."""
+    text = answer.strip().lower().rstrip("/")
+    if not text:
+        return None
+    if text.isdigit() and 1 <= int(text) <= len(servers):
+        return servers[int(text) - 1]
+    for info in servers:
+        url = info.url.lower()
+        parts = urlsplit(url)
+        if text in (url, url.split("://", 1)[1], str(parts.port), f":{parts.port}"):
+            return info
+    same_kind = [s for s in servers if s.kind == text]
+    return same_kind[0] if len(same_kind) == 1 else None
+
+
+def choose_server(
+    servers: Sequence[ServerInfo],
+    ask: Callable[[list[ServerInfo]], ServerInfo] | None = None,
+    candidates: Sequence[str] = LOCAL_CANDIDATES,
+) -> ServerInfo:
+    """What `join` shares when no endpoint was given, from `find_servers(..., candidates)`.
+
+    None found: EndpointError (exit 6) pointing to `llmroom probe`. One: it. Several: `ask(servers)`
+    (a numbered pick on a terminal; see `match_server` for what it may accept), else EndpointError
+    listing them.
+    """
+    if not servers:
+        raise EndpointError(
+            f"no LLM server answers on the usual local ports ({ports_of(candidates)})",
+            "start one, see what answers with: llmroom probe, or pass --endpoint URL",
+        )
+    if len(servers) == 1:
+        return servers[0]
+    if ask is not None:
+        return ask(list(servers))
+    listing = "; ".join(server_label(s) for s in servers)
+    raise EndpointError(
+        f"{len(servers)} LLM servers answer on this machine: {listing}", "choose one with --endpoint URL"
+    )
 
 
 # -- choosing the model ---------------------------------------------------------------------------

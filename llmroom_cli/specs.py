@@ -7,15 +7,17 @@ time budget. A value that cannot be read is absent from `data`, never null, 0 or
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmroom_cli.errors import UsageError
 from llmroom_cli.gpu import (
     GIB,
     SMI_TIMEOUT_S,
@@ -85,13 +87,20 @@ ARM_PARTS = {
 }
 
 
+# The fields `--share` can name: every key `data` may carry, and `llm` (the shared model, which `join`
+# adds: server kind, version, context, quantization, and the `--bench` figures).
+SHARE_FIELDS = ("gpu", "vram", "ram", "cpu", "cpu_cores", "gpus", "unified_memory", "os", "arch", "llm")
+
+
 @dataclass
 class SpecRow:
-    """One line of the human table: what, its value, and where it was read from."""
+    """One line of the human table: what, its value, where it was read from, and the `data` key it
+    shows (what `--share` names)."""
 
     what: str
     value: str
     source: str
+    field: str = ""
 
 
 @dataclass
@@ -100,6 +109,32 @@ class MachineSpecs:
 
     data: dict[str, Any] = field(default_factory=dict)
     rows: list[SpecRow] = field(default_factory=list)
+
+    def select(self, fields: Sequence[str] | None) -> MachineSpecs:
+        """Only the chosen fields (`parse_share`), in data and rows alike; None keeps everything."""
+        if fields is None:
+            return self
+        return MachineSpecs(select(self.data, fields), [r for r in self.rows if r.field in fields])
+
+
+def parse_share(values: str | Sequence[str]) -> tuple[str, ...]:
+    """The fields of `--share gpu,vram,ram` (repeatable, any case, spaces ignored), or UsageError
+    (exit 2, raised before any network) naming the unknown field and the known ones."""
+    items = [values] if isinstance(values, str) else list(values)
+    names = [n.strip().lower() for item in items for n in item.split(",")]
+    names = [n for n in names if n]
+    known = ", ".join(SHARE_FIELDS)
+    if not names:
+        raise UsageError("--share needs at least one field", f"known fields: {known}; or --no-specs")
+    for name in names:
+        if name not in SHARE_FIELDS:
+            raise UsageError(f"--share: unknown field {name!r}", f"known fields: {known}")
+    return tuple(dict.fromkeys(names))
+
+
+def select(specs: Mapping[str, Any], fields: Sequence[str]) -> dict[str, Any]:
+    """The specs with only `fields` kept (in the specs' own order); a copy: the original is unchanged."""
+    return {k: copy.deepcopy(v) for k, v in specs.items() if k in fields}
 
 
 @dataclass
@@ -227,42 +262,44 @@ def _assemble(
     rows = specs.rows
     if cpu is not None:
         data["cpu"] = cpu.value
-        rows.append(SpecRow("CPU", cpu.value, cpu.source))
+        rows.append(SpecRow("CPU", cpu.value, cpu.source, "cpu"))
     if cores is not None:
         count, kind = cores.value
         data["cpu_cores"] = count
-        rows.append(SpecRow("CPU cores", f"{count} {kind}", cores.source))
+        rows.append(SpecRow("CPU cores", f"{count} {kind}", cores.source, "cpu_cores"))
     if ram is not None:
         data["ram"] = ram.value
-        rows.append(SpecRow("RAM", f"{ram.value} GB", ram.source))
+        rows.append(SpecRow("RAM", f"{ram.value} GB", ram.source, "ram"))
     gpu = summarize(gpus)
     if gpu:
         sources = ", ".join(dict.fromkeys(g.source for g in gpus))
         data["gpu"] = gpu
-        rows.append(SpecRow("GPU", gpu, sources))
+        rows.append(SpecRow("GPU", gpu, sources, "gpu"))
         vram = total_vram_gb(gpus)
         if vram:
             data["vram"] = vram
             what = "GPU memory (shared)" if gpus[0].vendor == "Apple" else "VRAM"
-            rows.append(SpecRow(what, f"{vram} GB", sources))
+            rows.append(SpecRow(what, f"{vram} GB", sources, "vram"))
         data["gpus"] = [g.to_dict() for g in gpus]
         for i, g in enumerate(gpus):
             details = [f"{g.vram_gb} GB" if g.vram_gb else "", f"driver {g.driver}" if g.driver else ""]
             details.append(f"compute {g.compute_capability}" if g.compute_capability else "")
             text = ", ".join(d for d in details if d)
-            rows.append(SpecRow(f"GPU {i}", f"{g.name} ({text})" if text else g.name, g.source))
+            rows.append(SpecRow(f"GPU {i}", f"{g.name} ({text})" if text else g.name, g.source, "gpus"))
         if gpus[0].vendor == "Apple":
             data["unified_memory"] = True
-            rows.append(SpecRow("Unified memory", "yes: the GPU uses system RAM", "Apple Silicon"))
+            rows.append(
+                SpecRow("Unified memory", "yes: the GPU uses system RAM", "Apple Silicon", "unified_memory")
+            )
     else:
         tried = {"Linux": "NVML, nvidia-smi, /sys/class/drm", "Darwin": "sysctl", "Windows": "NVML, registry"}
-        rows.append(SpecRow("GPU", "none found", tried.get(system, "NVML, nvidia-smi")))
+        rows.append(SpecRow("GPU", "none found", tried.get(system, "NVML, nvidia-smi"), "gpu"))
     if os_name is not None:
         data["os"] = os_name.value
-        rows.append(SpecRow("OS", os_name.value, os_name.source))
+        rows.append(SpecRow("OS", os_name.value, os_name.source, "os"))
     if arch:
         data["arch"] = arch
-        rows.append(SpecRow("Arch", arch, "uname machine"))
+        rows.append(SpecRow("Arch", arch, "uname machine", "arch"))
 
 
 def _clean(value: Any) -> Any:

@@ -16,14 +16,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from llmroom_cli.errors import UsageError
 from llmroom_cli.gpu import DISPLAY_CLASS
 from llmroom_cli.specs import (
     CPU_KEY,
+    SHARE_FIELDS,
     WINDOWS_KEY,
     MachineSpecs,
     detect_specs,
     linux_cpu_name,
+    parse_share,
     round_up_ram_gb,
+    select,
 )
 from tests import fakes_nvml
 from tests.test_gpu import FakeRegistry, Log, display_adapters, no_which, nvidia_root, sysctl_of
@@ -351,3 +355,94 @@ def test_import_is_light() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=repo)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# -- --share: choosing what is sent -----------------------------------------------------------------
+
+
+def _apple(tmp_path: Path) -> MachineSpecs:
+    values = {"machdep.cpu.brand_string": "Apple M2 Max", "hw.memsize": str(32 * GIB), "hw.physicalcpu": "12"}
+    return specs_of(tmp_path, system="Darwin", sysctl=sysctl_of(values), release="14.5", machine="arm64")
+
+
+@pytest.mark.parametrize("scenario", ["h200", "apple", "no-gpu"])
+def test_every_key_and_every_row_can_be_named_by_share(tmp_path: Path, scenario: str) -> None:
+    if scenario == "apple":
+        specs = _apple(tmp_path)
+    elif scenario == "h200":
+        specs = specs_of(nvidia_root(linux_tree(tmp_path)), nvml=fakes_nvml.one_h200())
+    else:
+        specs = specs_of(linux_tree(tmp_path))
+    assert set(specs.data) <= set(SHARE_FIELDS)
+    assert all(r.field in SHARE_FIELDS for r in specs.rows), [r.what for r in specs.rows]
+    assert specs.select(SHARE_FIELDS).data == specs.data
+
+
+def test_select_keeps_only_the_chosen_fields_in_data_and_rows(tmp_path: Path) -> None:
+    specs = specs_of(nvidia_root(linux_tree(tmp_path)), nvml=fakes_nvml.one_h200())
+    before = json.dumps(specs.data)
+    chosen = specs.select(parse_share("gpu,vram,ram"))
+    assert chosen.data == {"ram": 24, "gpu": "NVIDIA H200", "vram": 140}
+    assert [r.what for r in chosen.rows] == ["RAM", "GPU", "VRAM"]
+    assert json.dumps(specs.data) == before  # the detected specs are not changed
+    assert [r.what for r in specs.select(["gpus"]).rows] == ["GPU 0"]
+    assert specs.select(None) is specs
+
+
+def test_a_chosen_field_the_machine_lacks_is_simply_absent(tmp_path: Path) -> None:
+    specs = specs_of(linux_tree(tmp_path))  # no GPU
+    chosen = specs.select(parse_share("gpu,vram"))
+    assert chosen.data == {}
+    assert [(r.what, r.value) for r in chosen.rows] == [("GPU", "none found")]
+
+
+def test_select_copies_nested_values() -> None:
+    data = {"gpus": [{"name": "A"}], "llm": {"server": "ollama"}, "cpu": "x"}
+    out = select(data, ("gpus", "llm"))
+    assert out == {"gpus": [{"name": "A"}], "llm": {"server": "ollama"}}
+    out["gpus"][0]["name"] = "B"
+    assert data["gpus"][0]["name"] == "A"
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("gpu,vram,ram", ("gpu", "vram", "ram")),
+        (" GPU , Vram ,, ram,gpu", ("gpu", "vram", "ram")),
+        (["gpu", "ram,cpu"], ("gpu", "ram", "cpu")),
+        ("llm", ("llm",)),
+    ],
+)
+def test_parse_share(given: Any, expected: tuple[str, ...]) -> None:
+    assert parse_share(given) == expected
+
+
+@pytest.mark.parametrize("given", ["gpu,vrm", "", " , ", "specs"])
+def test_parse_share_refuses_an_unknown_or_empty_list_with_the_known_fields(given: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_share(given)
+    assert caught.value.exit_code == 2
+    assert "known fields: gpu, vram, ram, cpu, cpu_cores, gpus, unified_memory, os, arch, llm" in str(
+        caught.value
+    )
+    if given == "gpu,vrm":
+        assert caught.value.message == "--share: unknown field 'vrm'"
+
+
+def test_the_specs_command_shows_the_share_selection() -> None:
+    from tests.helpers import cli
+
+    everything = json.loads(cli("specs", "--json").stdout)
+    r = cli("specs", "--share", "ram,cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"cpu": everything["cpu"], "ram": everything["ram"]}
+    table = cli("specs", "--share", "RAM", "--share", "os")
+    assert table.returncode == 0, table.stderr
+    assert [line.split("\t")[0] for line in table.stdout.splitlines()] == ["RAM", "OS"]
+    assert table.stderr.startswith("not shared with --share ram,os: cpu")
+    bad = cli("specs", "--share", "gpu,vrm")
+    assert (bad.returncode, bad.stdout) == (2, "")
+    assert bad.stderr == (
+        "error: --share: unknown field 'vrm' (known fields: gpu, vram, ram, cpu, cpu_cores, gpus,"
+        " unified_memory, os, arch, llm)\n"
+    )
