@@ -367,6 +367,9 @@ _RESERVED_VALUE_W = len("9999 served · 99 in flight · 9999 failed")
 _FRAME_W = 4 + 2
 # A status message longer than this many lines of the value column is cut with an ellipsis.
 _MESSAGE_LINES = 3
+# ... but never fewer characters than this: on a narrow terminal the end of a message (the cause:
+# "nothing listens on ...") matters more than a short frame.
+_MESSAGE_MIN = 120
 _SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
 
@@ -561,19 +564,25 @@ class JoinOutput:
             self._draw()
 
     def _retry_line(self) -> Any:
+        """Two lines: what failed (cut to the width, never wrapped), then the countdown."""
+        from rich.console import Group
         from rich.text import Text
 
         assert self._retry is not None
         reason, deadline, nxt = self._retry
         now = self.clock()
         frame = _SPINNER[int(now * 10) % len(_SPINNER)]
-        line = Text(f"{frame} ", style="yellow")
-        line.append(visible(reason))
+        what = Text(f"{frame} ", style="yellow", no_wrap=True, overflow="ellipsis")
+        what.append(visible(reason))
         when = f"next try in {max(0.0, nxt - now):.0f} s, " if nxt is not None and nxt > now else ""
-        line.append(f" · retrying: {when}{max(0.0, deadline - now):.0f} s left · Ctrl-C to stop", style="dim")
-        line.no_wrap = True
-        line.overflow = "ellipsis"
-        return line
+        left = max(0.0, deadline - now)
+        countdown = Text(
+            f"  retrying: {when}{left:.0f} s left · Ctrl-C to stop",
+            style="dim",
+            no_wrap=True,
+            overflow="ellipsis",
+        )
+        return Group(what, countdown)
 
     # -- the live panel ---------------------------------------------------------------------------
 
@@ -739,7 +748,8 @@ class JoinOutput:
             elif st.state == "reconnecting" and st.last_error:
                 message = st.last_error
             if message:
-                state.append("  " + _clip(visible(message), value_w * _MESSAGE_LINES - len(shown) - 2))
+                room = max(value_w * _MESSAGE_LINES, _MESSAGE_MIN) - len(shown)
+                state.append("  " + _clip(visible(message), room))
                 state.stylize(colour, len(shown))
             grid.add_row("status", state)
             now = self.clock()
@@ -756,7 +766,8 @@ class JoinOutput:
             grid.add_row("requests", self._requests_line())
             grid.add_row("last request", self._last_request_line())
         subtitle = "left" if st is not None and st.state == "left" else "Ctrl-C to leave"
-        return Panel(grid, title="llmroom", subtitle=subtitle, expand=False, width=width)
+        # expand=True with a width: exactly that wide, whatever is inside (expand=False shrinks to fit).
+        return Panel(grid, title="llmroom", subtitle=subtitle, expand=True, width=width)
 
     def _snapshot(self) -> Traffic | None:
         if self.traffic is None:
