@@ -99,13 +99,15 @@ def describe_os_error(exc: BaseException, host: str | None = None, port: int | N
     name = host or "the host"
     for err in _chain(exc):
         if isinstance(err, ssl.SSLCertVerificationError):
-            reason = err.verify_message or err.reason or "unknown reason"
+            reason = getattr(err, "verify_message", None) or getattr(err, "reason", None) or "unknown reason"
             return f"the TLS certificate of {name} could not be verified ({reason})"
         if isinstance(err, ssl.SSLError):
-            reason = str(err.reason or err).lower()
-            if "wrong version number" in reason or "record layer failure" in reason:
+            # `reason` is set on errors from the ssl module itself, not on hand-made ones.
+            said = str(getattr(err, "reason", None) or err)
+            key = said.lower().replace("_", " ")  # WRONG_VERSION_NUMBER, or the long message
+            if "wrong version number" in key or "record layer failure" in key or "http request" in key:
                 return f"{where} does not speak TLS (is the URL http:// rather than https://?)"
-            return f"the TLS handshake with {where} failed ({err.reason or err})"
+            return f"the TLS handshake with {where} failed ({said})"
         if isinstance(err, socket.gaierror):
             return _gai_words(err.errno, name)
         if isinstance(err, (TimeoutError, socket.timeout)):

@@ -213,3 +213,35 @@ def test_closing_the_terminal_of_list_watch_exits_zero(
     w.expect(r"Ctrl-C to stop")
     w.hang_up()
     assert w.wait() == 0
+
+
+def test_a_dumb_terminal_gets_plain_lines_while_joined(
+    hub: RunningHub, llm: StandIn, room: str, ptys: list[PtyProcess], clean_env: dict[str, str]
+) -> None:
+    p = _join_on_pty(ptys, hub, llm, room, "--nickname", "dora", env={**clean_env, "TERM": "dumb"})
+    # Said while joined, not held back until Ctrl-C (rich draws nothing live on TERM=dumb).
+    p.expect(rf"joined room {room} on {hub.url} as dora sharing {MODEL}")
+    wait_for(lambda: hub.state.participants(room), "the join")
+    assert "╭" not in p.text and "\x1b[?25l" not in p.text
+    p.proc.send_signal(signal.SIGINT)
+    assert p.wait() == 0
+    assert "left the room" in plain(p.text) and "╭" not in p.text
+
+
+def test_typed_keys_do_not_reach_the_panel_and_sigterm_restores_echo(
+    hub: RunningHub, llm: StandIn, room: str, ptys: list[PtyProcess], clean_env: dict[str, str]
+) -> None:
+    import termios
+
+    p = _join_on_pty(ptys, hub, llm, room, "--nickname", "erin", env=clean_env)
+    assert termios.tcgetattr(p.master)[3] & termios.ECHO
+    p.expect(r"beats\s+[1-9]")
+    assert not termios.tcgetattr(p.master)[3] & termios.ECHO
+    p.send("typed-over-the-panel")
+    p.raw = b""
+    p.expect(r"beats\s+[1-9]\d*\s")  # a later frame
+    p.proc.send_signal(signal.SIGTERM)
+    assert p.wait() == 0
+    assert "typed-over-the-panel" not in plain(p.text)
+    assert termios.tcgetattr(p.master)[3] & termios.ECHO
+    assert hub.state.participants(room) == []
