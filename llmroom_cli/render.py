@@ -598,7 +598,11 @@ class JoinOutput:
         self._live = Live(self._renderable(), console=console, auto_refresh=False, transient=False)
         # refresh=True: drawn now, not at the refresher's first tick (the panel appeared 1 s late).
         self._live.start(refresh=True)
-        self._refresher = threading.Thread(target=self._refresh_loop, name="llmroom-panel", daemon=True)
+        # Each live display has its own stop flag: one ended by end_retry() never stops the next.
+        self._stop_refresh = threading.Event()
+        self._refresher = threading.Thread(
+            target=self._refresh_loop, args=(self._stop_refresh,), name="llmroom-panel", daemon=True
+        )
         self._refresher.start()
 
     def _draw(self) -> None:
@@ -615,14 +619,14 @@ class JoinOutput:
             live.console.control(Control.home(), Control.clear())
         live.update(self._renderable(), refresh=True)
 
-    def _refresh_loop(self) -> None:
+    def _refresh_loop(self, stop: threading.Event) -> None:
         last = 0.0
-        while not self._stop_refresh.is_set():
+        while not stop.is_set():
             # Ten frames a second for the spinner; otherwise a look at the window size four times a
             # second (a resize is also signalled) and a new frame each second for the clocks.
             self._tick.wait(0.1 if self._retry is not None else 0.25)
             self._tick.clear()
-            if self._stop_refresh.is_set():
+            if stop.is_set():
                 return
             with self._lock:
                 if self._live is None or self.broken:
@@ -680,6 +684,14 @@ class JoinOutput:
             self._reader_gone()
         finally:
             self._echo.restore()
+
+    def end_retry(self) -> None:
+        """The start-up retry is over without a join (the hub answered, but the room wants a password):
+        the spinner line goes, and echo comes back, before anything is asked on the terminal."""
+        with self._lock:
+            if self._retry is not None and self._live is not None:
+                self._stop_live()
+            self._retry = None
 
     def close(self) -> None:
         with self._lock:

@@ -73,6 +73,8 @@ def drive() -> None:
             out({"ts": 0, **cmd["emit"]})
         if "retrying" in cmd:
             out.retrying(*cmd["retrying"])
+        if cmd.get("end_retry"):
+            out.end_retry()
         if "raise" in cmd:
             raise RuntimeError(cmd["raise"])  # an unexpected error: the interpreter exits 1
         if cmd.get("close"):
@@ -401,6 +403,24 @@ def test_a_retry_that_ends_leaves_no_spinner_and_restores_echo(ptys: list[PanelP
     assert not any("s left" in row for row in p.lines())
     assert p.echo_on()
     p.do(exit=True)
+    assert p.wait() == 0
+
+
+def test_a_retry_ended_before_a_prompt_then_a_join_draws_a_live_panel(
+    ptys: list[PanelPty], tmp_path: Path
+) -> None:
+    p = _panel(ptys, tmp_path, 80)
+    p.do(retrying=["cannot reach the hub at http://127.0.0.1:3000: nothing listens on 127.0.0.1:3000", 5.0])
+    p.wait_screen("s left")
+    p.do(end_retry=True)  # the room wants a password: the CLI asks for it now
+    assert not any("s left" in row for row in p.lines())
+    assert p.echo_on()
+    p.do(status=ONLINE)
+    p.do(emit=JOINED)
+    panel_box(p.lines())
+    p.wait_screen("uptime          0m06s")  # the new panel has its own refresher, ticking
+    panel_box(p.lines())
+    p.do(close=True, exit=True)
     assert p.wait() == 0
 
 
