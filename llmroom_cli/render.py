@@ -6,12 +6,13 @@ rich is imported only where something is drawn on a terminal: piped and JSON out
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -371,6 +372,9 @@ _MESSAGE_LINES = 3
 # "nothing listens on ...") matters more than a short frame.
 _MESSAGE_MIN = 120
 _SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+# A finished request redraws the panel at once unless one was drawn this recently: a relay serving
+# hundreds of requests a second must not spend its CPU on frames nobody can read.
+_REQUEST_REDRAW_S = 0.2
 
 
 class _EchoOff:
@@ -448,6 +452,8 @@ class JoinOutput:
         # The start-up retry against a hub that is down: (what failed, monotonic deadline, next try).
         self._retry: tuple[str, float, float | None] | None = None
         self._paused: str | None = None
+        self._drawn_at = 0.0  # monotonic time of the last frame
+        self._dirty = False  # something changed since then that the refresher should draw
         # Called once if whoever reads our stdout goes away (`join --json | head -1`): the CLI then
         # leaves and exits as on a signal, instead of heartbeating for nobody.
         self.on_broken: Callable[[], None] | None = None
@@ -505,6 +511,8 @@ class JoinOutput:
                 line = self._plain(event)
                 if line:
                     _console(sys.stderr).print(line, highlight=False, markup=False)
+            elif name == "request" and time.monotonic() - self._drawn_at < _REQUEST_REDRAW_S:
+                self._dirty = True  # a busy relay: the refresher draws the latest counts shortly
             elif self._live is not None:
                 self._draw()
 
@@ -618,6 +626,8 @@ class JoinOutput:
 
             live.console.control(Control.home(), Control.clear())
         live.update(self._renderable(), refresh=True)
+        self._drawn_at = time.monotonic()
+        self._dirty = False
 
     def _refresh_loop(self, stop: threading.Event) -> None:
         last = 0.0
@@ -632,7 +642,8 @@ class JoinOutput:
                 if self._live is None or self.broken:
                     continue
                 now = time.monotonic()
-                if self._retry is None and now - last < 1.0 and _terminal_size() == self._size:
+                quiet = not self._dirty and _terminal_size() == self._size
+                if self._retry is None and now - last < 1.0 and quiet:
                     continue
                 last = now
                 try:
@@ -848,6 +859,28 @@ def _console_width(live: Live | None) -> int:
         return live.console.width
     size = _terminal_size()
     return size[0] if size is not None else 80
+
+
+@contextlib.contextmanager
+def waiting(message: str, file: IO[str] | None = None) -> Iterator[None]:
+    """Say what is being waited for (`hubs` listening for announcements, the LAN fallback): a
+    spinner line on a terminal that can redraw, erased when the wait ends; nothing anywhere else
+    (scripts read the result, not the wait)."""
+    out = file or sys.stderr
+    if not live_capable(out):
+        yield
+        return
+    try:
+        status = _console(out).status(visible(message), spinner="dots")
+        status.start()
+    except OSError:  # the terminal is gone: the wait itself still happens
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            status.stop()
 
 
 def print_text(text: str, style: str | None = None, file: IO[str] | None = None) -> None:

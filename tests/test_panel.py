@@ -73,6 +73,11 @@ def drive() -> None:
             out({"ts": 0, **cmd["emit"]})
         if "retrying" in cmd:
             out.retrying(*cmd["retrying"])
+        if "waiting" in cmd:
+            from llmroom_cli.render import waiting
+
+            with waiting(cmd["waiting"][0]):
+                time.sleep(cmd["waiting"][1])
         if cmd.get("end_retry"):
             out.end_retry()
         if "raise" in cmd:
@@ -116,9 +121,17 @@ class PanelPty(PtyProcess):
 
     def do(self, **cmd: Any) -> None:
         """Send one command and wait until the child has carried it out; then read what it wrote."""
+        self.order(**cmd)
+        self.done(cmd)
+
+    def order(self, **cmd: Any) -> None:
+        """Send one command without waiting for it."""
         with self.ctl.open("a") as f:
             f.write(json.dumps(cmd) + "\n")
         self.sent += 1
+
+    def done(self, cmd: Any = None) -> None:
+        """Wait until the child has carried out every command sent so far."""
         deadline = time.monotonic() + WAIT_S
         while not (self.ack.exists() and len(self.ack.read_text().splitlines()) >= self.sent):
             if self.proc.poll() is not None:
@@ -419,6 +432,42 @@ def test_a_retry_ended_before_a_prompt_then_a_join_draws_a_live_panel(
     p.do(emit=JOINED)
     panel_box(p.lines())
     p.wait_screen("uptime          0m06s")  # the new panel has its own refresher, ticking
+    panel_box(p.lines())
+    p.do(close=True, exit=True)
+    assert p.wait() == 0
+
+
+def test_a_wait_is_said_on_the_terminal_and_erased_after(ptys: list[PanelPty], tmp_path: Path) -> None:
+    p = _panel(ptys, tmp_path, 80)
+    message = "looking for hubs on the local network for 1.5 s ..."
+    p.order(waiting=[message, 1.5])
+    p.wait_screen(message)
+    p.done()
+    assert not any(message in row for row in p.lines())
+    p.do(exit=True)
+    assert p.wait() == 0
+
+
+def test_a_wait_is_not_drawn_on_a_dumb_terminal(ptys: list[PanelPty], tmp_path: Path) -> None:
+    p = _panel(ptys, tmp_path, 80, TERM="dumb")
+    p.do(waiting=["looking for hubs", 0.2])
+    assert "looking for hubs" not in p.text
+    p.do(exit=True)
+    assert p.wait() == 0
+
+
+def test_requests_in_quick_succession_still_show_the_latest_count(
+    ptys: list[PanelPty], tmp_path: Path
+) -> None:
+    p = _panel(ptys, tmp_path, 80, PANEL_TRAFFIC="1")
+    p.do(status=ONLINE)
+    p.do(emit=JOINED)
+    request = {"event": "request", "route": "chat", "status": 200, "duration_ms": 5.0}
+    for n in range(1, 6):
+        p.order(traffic={"served": n})
+        p.order(emit=request)
+    p.done()
+    p.wait_screen("5 served")  # drawn by the refresher when events came faster than frames
     panel_box(p.lines())
     p.do(close=True, exit=True)
     assert p.wait() == 0
