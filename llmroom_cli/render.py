@@ -395,6 +395,12 @@ class _EchoOff:
             fd = sys.stdin.fileno()
             if not sys.stdin.isatty():
                 return
+            import os
+
+            if os.tcgetpgrp(fd) != os.getpgrp():
+                # A background job (`llmroom join CODE &`): changing the terminal would stop us
+                # (SIGTTOU), and the keys typed belong to the shell in the foreground anyway.
+                return
             saved = termios.tcgetattr(fd)
             quiet = list(saved)
             quiet[3] &= ~(termios.ECHO | termios.ECHONL)

@@ -45,6 +45,8 @@ def drive() -> None:
     from llmroom_cli.render import JoinOutput
     from llmroom_cli.session import Status
 
+    if os.environ.get("PANEL_BACKGROUND") == "1":
+        _become_a_background_job()
     ctl = Path(os.environ["PANEL_CTL"])
     ack = Path(os.environ["PANEL_CTL"] + ".ack")
     traffic = Traffic()
@@ -88,6 +90,17 @@ def drive() -> None:
             f.write(f"{done}\n")
         if cmd.get("exit"):
             return
+
+
+def _become_a_background_job() -> None:
+    """As after `llmroom join CODE &`: this process forks; the parent stays in the foreground, as the
+    shell does, and waits; the child goes on in a process group of its own, in the background (not
+    orphaned: its parent is in the same session, so touching the terminal would stop it, SIGTTOU)."""
+    pid = os.fork()
+    if pid:
+        _, status = os.waitpid(pid, 0)
+        os._exit(os.waitstatus_to_exitcode(status))
+    os.setpgid(0, 0)
 
 
 class PanelPty(PtyProcess):
@@ -357,6 +370,15 @@ def test_typed_keys_are_not_echoed_and_echo_comes_back(ptys: list[PanelPty], tmp
     p.do(close=True)
     assert p.echo_on()
     p.do(exit=True)
+    assert p.wait() == 0
+
+
+def test_a_background_job_leaves_the_terminal_alone(ptys: list[PanelPty], tmp_path: Path) -> None:
+    p = _panel(ptys, tmp_path, 80, PANEL_BACKGROUND="1")
+    p.do(status=ONLINE)
+    p.do(emit=JOINED)  # not stopped by SIGTTOU: it did not touch the terminal's settings
+    assert p.echo_on()
+    p.do(close=True, exit=True)
     assert p.wait() == 0
 
 
