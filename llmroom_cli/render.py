@@ -253,6 +253,7 @@ class Watcher:
         # A warning shown under the table until the next successful refresh (it then is stale).
         self._warning = ""
         self._last: tuple[list[list[str]], list[bool], str] | None = None
+        self._size: tuple[int, int] | None = None
         if live_capable(sys.stdout):
             from rich.live import Live
 
@@ -304,6 +305,13 @@ class Watcher:
             parts: list[Any] = [build_table(self.columns, rows, dim), caption]
             if self._warning:
                 parts.append(Text(visible(self._warning), style="yellow"))
+            size = _terminal_size()
+            if size != self._size:
+                if self._size is not None:  # resized: see JoinOutput._draw
+                    from rich.control import Control
+
+                    self.live.console.control(Control.home(), Control.clear())
+                self._size = size
             self.live.update(Group(*parts), refresh=True)
             return
         for row in rows:

@@ -245,3 +245,32 @@ def test_typed_keys_do_not_reach_the_panel_and_sigterm_restores_echo(
     assert "typed-over-the-panel" not in plain(p.text)
     assert termios.tcgetattr(p.master)[3] & termios.ECHO
     assert hub.state.participants(room) == []
+
+
+def test_list_watch_redraws_one_clean_table_after_a_resize(
+    hub: RunningHub, room: str, ptys: list[PtyProcess], clean_env: dict[str, str]
+) -> None:
+    import fcntl
+    import struct
+    import termios
+
+    import pyte
+
+    from tests.test_panel import reflow
+
+    w = PtyProcess("list", room, "--hub", hub.url, "--watch", env=clean_env, cols=120)
+    ptys.append(w)
+    w.expect(r"Ctrl-C to stop")
+    screen = pyte.Screen(120, 40)
+    stream = pyte.ByteStream(screen)
+    stream.feed(w.raw)
+    screen, stream = reflow(screen, 40, 40)  # the terminal re-wraps what it shows, then tells us
+    fcntl.ioctl(w.master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 40, 0, 0))
+    w.raw = b""
+    w.expect(r"Ctrl-C to stop")  # the next refresh (every 2 s)
+    stream.feed(w.raw)
+    lines = [line.rstrip() for line in screen.display]
+    assert sum(line.startswith("NICK") for line in lines) == 1, "\n".join(lines)
+    assert sum("Ctrl-C to stop" in line for line in lines) == 1, "\n".join(lines)
+    w.proc.send_signal(signal.SIGINT)
+    assert w.wait() == 0
