@@ -429,6 +429,17 @@ def test_the_start_up_retry_counts_down_then_gives_way_to_the_panel(
     assert p.wait() == 0
 
 
+def test_a_retrying_event_with_the_next_try_is_counted_down_too(ptys: list[PanelPty], tmp_path: Path) -> None:
+    p = _panel(ptys, tmp_path, 120)
+    reason = "cannot reach the hub at http://127.0.0.1:3000: no such host: hubb.local"
+    p.do(emit={"event": "retrying", "reason": reason, "remaining_s": 9.0, "next_s": 2.0})
+    shown = p.wait_screen("next try in")
+    at = next(i for i, row in enumerate(shown) if "next try in" in row)
+    assert reason in shown[at - 1] and "s left" in shown[at]
+    p.do(close=True, exit=True)
+    assert p.wait() == 0
+
+
 def test_a_retry_that_ends_leaves_no_spinner_and_restores_echo(ptys: list[PanelPty], tmp_path: Path) -> None:
     p = _panel(ptys, tmp_path, 60)
     p.do(retrying=["cannot reach the hub at http://127.0.0.1:3000: nothing listens on 127.0.0.1:3000", 5.0])
