@@ -274,3 +274,35 @@ def test_list_watch_redraws_one_clean_table_after_a_resize(
     assert sum("Ctrl-C to stop" in line for line in lines) == 1, "\n".join(lines)
     w.proc.send_signal(signal.SIGINT)
     assert w.wait() == 0
+
+
+@pytest.mark.parametrize("cols", [40, 60, 120])
+def test_a_hub_gone_is_said_in_words_in_a_panel_of_the_same_width(
+    llm: StandIn, ptys: list[PtyProcess], clean_env: dict[str, str], cols: int
+) -> None:
+    import pyte
+
+    from llmroom_cli.server import start_hub
+    from tests.test_panel import flat, panel_box
+
+    def screen() -> list[str]:
+        s = pyte.Screen(cols, 60)
+        pyte.ByteStream(s).feed(p.raw)
+        return [line.rstrip() for line in s.display]
+
+    with start_hub(port=0) as hub:
+        room = hub.state.create_room("r")["code"]
+        args = ("join", room, "--hub", hub.url, "-e", llm.url, "--interval", "0.1")
+        p = PtyProcess(*args, env=clean_env, rows=60, cols=cols)
+        ptys.append(p)
+        p.expect(r"beats\s+2")
+        width = len(panel_box(screen())[0])
+        port = hub.url.rsplit(":", 1)[1]
+    p.expect(r"reconnecting")
+    words = f"nothing listens on 127.0.0.1:{port}"
+    wait_for(lambda: words in flat(panel_box(screen())), "the reason in words in the panel")
+    box = panel_box(screen())
+    assert len(box[0]) == width <= cols
+    assert "Errno" not in plain(p.text) and "Connection refused" not in plain(p.text)
+    p.proc.send_signal(signal.SIGINT)
+    assert p.wait() == 0  # the leave is unconfirmed (a warning), the run itself went well
