@@ -703,7 +703,9 @@ class JoinOutput:
                 if self._retry is not None:
                     live.transient = True  # a retry that ended (error or Ctrl-C) leaves no spinner behind
                 elif not self.broken:
-                    live.update(self._panel(), refresh=True)
+                    self._live = live  # the final frame, drawn as any other (cleared after a resize)
+                    self._draw()
+                    self._live = None
                 live.stop()
         except OSError:
             self._reader_gone()
