@@ -211,9 +211,36 @@ def exchange(
     except httpx.HTTPError as exc:
         if expired.is_set() or time.monotonic() > deadline:
             raise ExchangeTimeout(f"no complete answer within {total_s:g} s") from exc
+        if isinstance(exc, httpx.TransportError) and not isinstance(exc, httpx.TimeoutException):
+            worded = in_words(exc)
+            if worded is not exc:
+                raise worded from exc
         raise
     finally:
         _watchdog.disarm(armed)
+
+
+def in_words(exc: httpx.TransportError) -> httpx.TransportError:
+    """The same kind of httpx error with the OS error said in words ("nothing listens on
+    127.0.0.1:3000" for "[Errno 111] Connection refused"), naming the far end from the request. The
+    original stays the cause (raise the new one `from exc`), which `--debug` shows."""
+    from llmroom_cli.errors import describe_os_error
+
+    host: str | None = None
+    port: int | None = None
+    try:
+        url = exc.request.url
+        host = url.host or None
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except RuntimeError:  # an error raised without its request
+        pass
+    words = describe_os_error(exc, host, port)
+    if words == str(exc):
+        return exc
+    try:
+        return type(exc)(words, request=exc.request)
+    except (RuntimeError, TypeError):
+        return type(exc)(words)
 
 
 def _shut(streams: list[Any]) -> None:

@@ -6,12 +6,13 @@ rich is imported only where something is drawn on a terminal: piped and JSON out
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -19,7 +20,9 @@ if TYPE_CHECKING:
     from rich.live import Live
     from rich.panel import Panel
     from rich.table import Table
+    from rich.text import Text
 
+    from llmroom_cli.relay import Traffic
     from llmroom_cli.session import Status
 
 
@@ -221,8 +224,25 @@ def participants_view(parts: Sequence[dict[str, Any]]) -> tuple[list[list[str]],
     return participant_rows(parts), [p.get("status") != "online" for p in parts]
 
 
+def live_capable(stream: IO[str] | None = None) -> bool:
+    """True when `stream` (stdout by default) is a terminal that can redraw a live display in place.
+
+    `TERM=dumb` (Emacs' shell, some CI consoles) or `unknown` cannot: rich would hold every frame back
+    until the end, so a join showed nothing until Ctrl-C. Those get plain lines instead."""
+    import os
+
+    out = stream or sys.stdout
+    try:
+        if not out.isatty():
+            return False
+    except (ValueError, OSError):
+        return False
+    return os.environ.get("TERM", "").strip().lower() not in ("dumb", "unknown")
+
+
 class Watcher:
-    """`list --watch`: a live table on a terminal, repeated plain output when piped."""
+    """`list --watch`: a live table on a terminal, repeated plain output when piped (or on a terminal
+    that cannot redraw in place)."""
 
     def __init__(self, columns: Sequence[str], title: str) -> None:
         self.columns = columns
@@ -230,17 +250,41 @@ class Watcher:
         self.live: Live | None = None
         # Set when the terminal or the reader went away (EIO, EPIPE): the caller stops watching.
         self.broken = False
-        if sys.stdout.isatty():
+        # A warning shown under the table until the next successful refresh (it then is stale).
+        self._warning = ""
+        self._last: tuple[list[list[str]], list[bool], str] | None = None
+        self._size: tuple[int, int] | None = None
+        if live_capable(sys.stdout):
             from rich.live import Live
 
             self.live = Live(console=_console(), auto_refresh=False, transient=False)
             self.live.start()
 
     def show(self, rows: list[list[str]], dim: list[bool], note: str = "") -> None:
+        """Draw fresh rows. A warning given by `warn` since the last refresh is dropped: the refresh
+        worked, so the trouble it described is over."""
+        if self.broken:
+            return
+        self._warning = ""
+        self._last = (rows, dim, note)
+        try:
+            self._show(rows, dim, note)
+        except OSError:
+            self._gone()
+
+    def warn(self, text: str) -> None:
+        """A transient problem (the hub did not answer this refresh): on a terminal it is shown under
+        the table until the next `show`; piped, it is one line on stderr."""
         if self.broken:
             return
         try:
-            self._show(rows, dim, note)
+            if self.live is None:
+                sys.stderr.write(visible(text) + "\n")
+                sys.stderr.flush()
+                return
+            self._warning = text
+            if self._last is not None:
+                self._show(*self._last)
         except OSError:
             self._gone()
 
@@ -258,7 +302,17 @@ class Watcher:
             caption = Text(
                 visible(f"{self.title} · {stamp}{' · ' + note if note else ''} · Ctrl-C to stop"), style="dim"
             )
-            self.live.update(Group(build_table(self.columns, rows, dim), caption), refresh=True)
+            parts: list[Any] = [build_table(self.columns, rows, dim), caption]
+            if self._warning:
+                parts.append(Text(visible(self._warning), style="yellow"))
+            size = _terminal_size()
+            if size != self._size:
+                if self._size is not None:  # resized: see JoinOutput._draw
+                    from rich.control import Control
+
+                    self.live.console.control(Control.home(), Control.clear())
+                self._size = size
+            self.live.update(Group(*parts), refresh=True)
             return
         for row in rows:
             sys.stdout.write("\t".join(visible(cell) for cell in row) + "\n")
@@ -287,22 +341,139 @@ def _fmt_uptime(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-class JoinOutput:
-    """Renders session events: JSON lines, plain state lines, a live panel, or nothing (quiet)."""
+def _fmt_ms(value: Any) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "-"
+    return f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
 
-    def __init__(self, mode: str, info: dict[str, str], clock: Callable[[], float] = time.monotonic) -> None:
+
+def _fmt_rate(value: Any) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "- tokens/s"
+    return f"{value:.1f} tokens/s"
+
+
+# The panel's key column, and the value widths it reserves for lines that change while it runs
+# (so the frame never grows or shrinks with a counter, a round trip or an error message).
+_PANEL_KEYS = (
+    "room",
+    "hub",
+    "nickname",
+    "model",
+    "endpoint",
+    "id",
+    "status",
+    "last heartbeat",
+    "uptime",
+    "beats",
+    "reconnects",
+    "requests",
+    "last request",
+)
+_KEY_W = max(len(k) for k in _PANEL_KEYS)
+_RESERVED_VALUE_W = len("9999 served · 99 in flight · 9999 failed")
+# Border and padding of rich's Panel (1 + 1 each side) plus the grid's gap between the two columns.
+_FRAME_W = 4 + 2
+# A status message longer than this many lines of the value column is cut with an ellipsis.
+_MESSAGE_LINES = 3
+# ... but never fewer characters than this: on a narrow terminal the end of a message (the cause:
+# "nothing listens on ...") matters more than a short frame.
+_MESSAGE_MIN = 120
+_SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+# A finished request redraws the panel at once unless one was drawn this recently: a relay serving
+# hundreds of requests a second must not spend its CPU on frames nobody can read.
+_REQUEST_REDRAW_S = 0.2
+
+
+class _EchoOff:
+    """Typed keys are not echoed while a live display runs (they would tear the frame). Only ECHO is
+    turned off: Ctrl-C still signals. Restored by `restore()`, which every way out of the live display
+    calls, and at interpreter exit as a last resort; keys typed meanwhile are discarded then, so they
+    do not run as a command in the shell afterwards."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.saved: list[Any] | None = None
+
+    def start(self) -> None:
+        import atexit
+        import termios
+
+        try:
+            fd = sys.stdin.fileno()
+            if not sys.stdin.isatty():
+                return
+            import os
+
+            if os.tcgetpgrp(fd) != os.getpgrp():
+                # A background job (`llmroom join CODE &`): changing the terminal would stop us
+                # (SIGTTOU), and the keys typed belong to the shell in the foreground anyway.
+                return
+            saved = termios.tcgetattr(fd)
+            quiet = list(saved)
+            quiet[3] &= ~(termios.ECHO | termios.ECHONL)
+            termios.tcsetattr(fd, termios.TCSANOW, quiet)
+        except (termios.error, OSError, ValueError, AttributeError):
+            return  # no usable terminal on stdin: nothing to hide, nothing to restore
+        self.fd, self.saved = fd, saved
+        atexit.register(self.restore)
+
+    def restore(self) -> None:
+        import termios
+
+        fd, saved = self.fd, self.saved
+        self.fd = self.saved = None
+        if fd is None or saved is None:
+            return
+        try:
+            termios.tcflush(fd, termios.TCIFLUSH)
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+        except (termios.error, OSError, ValueError):
+            pass  # the terminal is gone (hang-up): nobody is left to type on it
+
+
+class JoinOutput:
+    """Renders session events: JSON lines, plain state lines, a live panel, or nothing (quiet).
+
+    `mode` "live" on a terminal that cannot redraw in place (TERM=dumb) becomes "plain". `traffic`,
+    when given, is called for a snapshot of the relay's counters (`relay.Traffic`) each time the panel
+    is drawn."""
+
+    def __init__(
+        self,
+        mode: str,
+        info: dict[str, str],
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        traffic: Callable[[], Traffic] | None = None,
+    ) -> None:
+        if mode == "live" and not live_capable(sys.stdout):
+            mode = "plain"
         self.mode = mode  # "json" | "plain" | "live" | "quiet"
         self.info = info
         self.clock = clock
+        self.traffic = traffic
         self.status: Status | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._live: Live | None = None
         self._stop_refresh = threading.Event()
+        self._tick = threading.Event()  # wakes the refresher at once (a resized window)
         self._refresher: threading.Thread | None = None
+        self._size: tuple[int, int] | None = None
+        self._echo = _EchoOff()
+        self._winch_previous: Any = None
+        self._winch_installed = False
+        # The start-up retry against a hub that is down: (what failed, monotonic deadline, next try).
+        self._retry: tuple[str, float, float | None] | None = None
+        self._paused: str | None = None
+        self._drawn_at = 0.0  # monotonic time of the last frame
+        self._dirty = False  # something changed since then that the refresher should draw
         # Called once if whoever reads our stdout goes away (`join --json | head -1`): the CLI then
         # leaves and exits as on a signal, instead of heartbeating for nobody.
         self.on_broken: Callable[[], None] | None = None
         self.broken = False
+        if self.mode == "live":
+            self._watch_resizes()
 
     # The session calls this from its worker thread.
     def __call__(self, event: dict[str, Any]) -> None:
@@ -327,6 +498,11 @@ class JoinOutput:
             self.on_broken()
 
     def _render(self, event: dict[str, Any]) -> None:
+        name = event.get("event")
+        if name == "paused":
+            self._paused = str(event.get("reason") or event.get("cause") or "paused")
+        elif name in ("resumed", "left"):
+            self._paused = None
         if self.mode == "json":
             sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
             sys.stdout.flush()
@@ -336,15 +512,23 @@ class JoinOutput:
                 sys.stdout.write(line + "\n")
                 sys.stdout.flush()
         elif self.mode == "live":
-            if event["event"] == "joined" and self._live is None:
-                self._start_live()
-            elif event["event"] == "left":
+            if name == "retrying":
+                self._retrying(str(event.get("reason", "")), event.get("remaining_s"), event.get("next_s"))
+            elif name == "joined":
+                self._retry = None
+                if self._live is None:
+                    self._start_live()
+                else:
+                    self._draw()
+            elif name == "left":
                 self._stop_live()
                 line = self._plain(event)
                 if line:
                     _console(sys.stderr).print(line, highlight=False, markup=False)
+            elif name == "request" and time.monotonic() - self._drawn_at < _REQUEST_REDRAW_S:
+                self._dirty = True  # a busy relay: the refresher draws the latest counts shortly
             elif self._live is not None:
-                self._live.update(self._panel(), refresh=True)
+                self._draw()
 
     def _plain(self, event: dict[str, Any]) -> str | None:
         line = self._plain_raw(event)
@@ -365,44 +549,181 @@ class JoinOutput:
             return "back online"
         if name == "rejoined":
             return "the hub had forgotten us: rejoined"
+        if name == "paused":
+            return f"paused: {event.get('reason') or event.get('cause') or 'no reason given'}"
+        if name == "resumed":
+            return "resumed: sharing again"
+        if name == "request":
+            return _request_line(event)
         if name == "left":
             # An unconfirmed leave is one warning on stderr (with the cleanup command), from the CLI.
             return "left the room" if event.get("confirmed") else None
         return None
 
+    # -- the start-up retry ---------------------------------------------------------------------------
+
+    def retrying(self, reason: str, remaining_s: float, next_s: float | None = None) -> bool:
+        """Start-up retries a hub that does not answer: on a terminal that can redraw, a live line with
+        a spinner says what failed and counts the seconds left (True: the caller prints nothing); in
+        the other modes nothing is drawn here (False: the caller says it its own way)."""
+        with self._lock:
+            if self.mode != "live" or self.broken:
+                return False
+            try:
+                self._retrying(reason, remaining_s, next_s)
+            except OSError:
+                self._reader_gone()
+            return True
+
+    def _retrying(self, reason: str, remaining_s: Any, next_s: Any) -> None:
+        now = self.clock()
+        left = float(remaining_s) if isinstance(remaining_s, (int, float)) else 0.0
+        nxt = now + float(next_s) if isinstance(next_s, (int, float)) else None
+        self._retry = (reason, now + left, nxt)
+        if self._live is None:
+            self._start_live()
+        else:
+            self._draw()
+
+    def _retry_line(self) -> Any:
+        """Two lines: what failed (cut to the width, never wrapped), then the countdown."""
+        from rich.console import Group
+        from rich.text import Text
+
+        assert self._retry is not None
+        reason, deadline, nxt = self._retry
+        now = self.clock()
+        frame = _SPINNER[int(now * 10) % len(_SPINNER)]
+        what = Text(f"{frame} ", style="yellow", no_wrap=True, overflow="ellipsis")
+        what.append(visible(reason))
+        when = f"next try in {max(0.0, nxt - now):.0f} s, " if nxt is not None and nxt > now else ""
+        left = max(0.0, deadline - now)
+        countdown = Text(
+            f"  retrying: {when}{left:.0f} s left · Ctrl-C to stop",
+            style="dim",
+            no_wrap=True,
+            overflow="ellipsis",
+        )
+        return Group(what, countdown)
+
     # -- the live panel ---------------------------------------------------------------------------
+
+    def _renderable(self) -> Any:
+        return self._retry_line() if self._retry is not None else self._panel()
 
     def _start_live(self) -> None:
         from rich.live import Live
 
-        self._live = Live(self._panel(), console=_console(), auto_refresh=False, transient=False)
-        self._live.start()
-        self._refresher = threading.Thread(target=self._refresh_loop, name="llmroom-panel", daemon=True)
+        console = _console()
+        self._size = _terminal_size()
+        self._echo.start()
+        self._live = Live(self._renderable(), console=console, auto_refresh=False, transient=False)
+        # refresh=True: drawn now, not at the refresher's first tick (the panel appeared 1 s late).
+        self._live.start(refresh=True)
+        # Each live display has its own stop flag: one ended by end_retry() never stops the next.
+        self._stop_refresh = threading.Event()
+        self._refresher = threading.Thread(
+            target=self._refresh_loop, args=(self._stop_refresh,), name="llmroom-panel", daemon=True
+        )
         self._refresher.start()
 
-    def _refresh_loop(self) -> None:
-        while not self._stop_refresh.wait(1.0):
+    def _draw(self) -> None:
+        """Redraw in place; after the window was resized, clear the screen first: a terminal that
+        re-wraps the old frame (tmux, VTE, iTerm2) would leave its top half behind otherwise."""
+        live = self._live
+        if live is None:
+            return
+        size = _terminal_size()
+        if size != self._size:
+            self._size = size
+            from rich.control import Control
+
+            live.console.control(Control.home(), Control.clear())
+        live.update(self._renderable(), refresh=True)
+        self._drawn_at = time.monotonic()
+        self._dirty = False
+
+    def _refresh_loop(self, stop: threading.Event) -> None:
+        last = 0.0
+        while not stop.is_set():
+            # Ten frames a second for the spinner; otherwise a look at the window size four times a
+            # second (a resize is also signalled) and a new frame each second for the clocks.
+            self._tick.wait(0.1 if self._retry is not None else 0.25)
+            self._tick.clear()
+            if stop.is_set():
+                return
             with self._lock:
-                if self._live is not None and not self.broken:
-                    try:
-                        self._live.update(self._panel(), refresh=True)
-                    except OSError:
-                        self._reader_gone()
+                if self._live is None or self.broken:
+                    continue
+                now = time.monotonic()
+                quiet = not self._dirty and _terminal_size() == self._size
+                if self._retry is None and now - last < 1.0 and quiet:
+                    continue
+                last = now
+                try:
+                    self._draw()
+                except OSError:
+                    self._reader_gone()
+
+    def _watch_resizes(self) -> None:
+        """SIGWINCH wakes the refresher at once (only the main thread may set a handler; elsewhere the
+        refresher's size check still catches the resize within a quarter of a second)."""
+        import signal
+
+        if not hasattr(signal, "SIGWINCH") or threading.current_thread() is not threading.main_thread():
+            return
+        tick = self._tick
+
+        def on_resize(signum: int, frame: Any) -> None:
+            tick.set()
+
+        try:
+            self._winch_previous = signal.signal(signal.SIGWINCH, on_resize)
+            self._winch_installed = True
+        except (ValueError, OSError):
+            pass
+
+    def _unwatch_resizes(self) -> None:
+        import signal
+
+        if not self._winch_installed or threading.current_thread() is not threading.main_thread():
+            return
+        self._winch_installed = False
+        try:
+            signal.signal(signal.SIGWINCH, self._winch_previous or signal.SIG_DFL)
+        except (ValueError, OSError, TypeError):
+            pass
 
     def _stop_live(self) -> None:
         self._stop_refresh.set()
+        self._tick.set()
         live, self._live = self._live, None
-        if live is not None:
-            try:
-                if not self.broken:
-                    live.update(self._panel(), refresh=True)
+        try:
+            if live is not None:
+                if self._retry is not None:
+                    live.transient = True  # a retry that ended (error or Ctrl-C) leaves no spinner behind
+                elif not self.broken:
+                    self._live = live  # the final frame, drawn as any other (cleared after a resize)
+                    self._draw()
+                    self._live = None
                 live.stop()
-            except OSError:
-                self._reader_gone()
+        except OSError:
+            self._reader_gone()
+        finally:
+            self._echo.restore()
+
+    def end_retry(self) -> None:
+        """The start-up retry is over without a join (the hub answered, but the room wants a password):
+        the spinner line goes, and echo comes back, before anything is asked on the terminal."""
+        with self._lock:
+            if self._retry is not None and self._live is not None:
+                self._stop_live()
+            self._retry = None
 
     def close(self) -> None:
         with self._lock:
             self._stop_live()
+            self._unwatch_resizes()
 
     def note(self, text: str, table: tuple[Sequence[str], list[list[str]], list[bool]] | None = None) -> None:
         """A message (and optionally a table) shown above the live panel, or as plain lines."""
@@ -428,24 +749,47 @@ class JoinOutput:
                 out.write("\t".join(visible(cell) for cell in row) + "\n")
         out.flush()
 
+    def panel_width(self, columns: int) -> int:
+        """The panel's width on a terminal `columns` wide: set by what stays put (the share's names
+        and URLs, the widest counters), never by a status message, which wraps inside instead."""
+        values = [len(visible(str(self.info.get(k, "-")))) for k in ("room", "hub", "nickname", "model")]
+        values += [len(visible(str(self.info.get(k, "-")))) for k in ("endpoint", "id")]
+        natural = _FRAME_W + _KEY_W + max([_RESERVED_VALUE_W, *values])
+        return max(1, min(columns, natural))
+
     def _panel(self) -> Panel:
         from rich.panel import Panel
         from rich.table import Table
         from rich.text import Text
 
         st = self.status
+        width = self.panel_width(_console_width(self._live))
+        value_w = max(8, width - _FRAME_W - _KEY_W)
         grid = Table.grid(padding=(0, 2))
-        grid.add_column(style="bold")
-        grid.add_column()
+        grid.add_column(style="bold", no_wrap=True, min_width=_KEY_W)
+        grid.add_column(overflow="fold")
         for key in ("room", "hub", "nickname", "model", "endpoint", "id"):
             grid.add_row(key, Text(visible(str(self.info.get(key, "-")))))
         if st is not None:
-            colour = {"online": "green", "reconnecting": "yellow", "leaving": "blue", "left": "blue"}.get(
-                st.state, "white"
-            )
-            state = Text(st.state, style=f"bold {colour}")
-            if st.state == "reconnecting" and st.last_error:
-                state.append(f"  {visible(st.last_error)}", style="yellow")
+            paused = self._paused is not None or st.state == "paused"
+            shown = "paused" if paused else st.state
+            colour = {
+                "online": "green",
+                "reconnecting": "yellow",
+                "paused": "magenta",
+                "leaving": "blue",
+                "left": "blue",
+            }.get(shown, "white")
+            state = Text(shown, style=f"bold {colour}")
+            message = None
+            if paused:
+                message = self._paused
+            elif st.state == "reconnecting" and st.last_error:
+                message = st.last_error
+            if message:
+                room = max(value_w * _MESSAGE_LINES, _MESSAGE_MIN) - len(shown)
+                state.append("  " + _clip(visible(message), room))
+                state.stylize(colour, len(shown))
             grid.add_row("status", state)
             now = self.clock()
             if st.last_beat_at is not None:
@@ -457,8 +801,102 @@ class JoinOutput:
                 grid.add_row("uptime", _fmt_uptime(now - st.joined_at))
             grid.add_row("beats", str(st.beats))
             grid.add_row("reconnects", str(st.reconnects))
+        if self.traffic is not None:
+            grid.add_row("requests", self._requests_line())
+            grid.add_row("last request", self._last_request_line())
         subtitle = "left" if st is not None and st.state == "left" else "Ctrl-C to leave"
-        return Panel(grid, title="llmroom", subtitle=subtitle, expand=False)
+        # expand=True with a width: exactly that wide, whatever is inside (expand=False shrinks to fit).
+        return Panel(grid, title="llmroom", subtitle=subtitle, expand=True, width=width)
+
+    def _snapshot(self) -> Traffic | None:
+        if self.traffic is None:
+            return None
+        try:
+            return self.traffic()
+        except Exception:  # the panel must never take the join down: show dashes instead
+            return None
+
+    def _requests_line(self) -> Text:
+        from rich.text import Text
+
+        t = self._snapshot()
+        if t is None:
+            return Text("- served · - in flight · - failed")
+        line = Text(f"{t.served} served · {t.in_flight} in flight · ")
+        line.append(f"{t.failed} failed", style="red" if t.failed else "")
+        if t.rejected:
+            line.append(f" · {t.rejected} refused")
+        return line
+
+    def _last_request_line(self) -> str:
+        t = self._snapshot()
+        if t is None or (t.last_ttft_ms is None and t.last_tokens_per_s is None):
+            return "TTFT - · - tokens/s"
+        return f"TTFT {_fmt_ms(t.last_ttft_ms)} · {_fmt_rate(t.last_tokens_per_s)}"
+
+
+def _request_line(event: dict[str, Any]) -> str:
+    """One finished relayed request, as a plain line (never its prompt or answer)."""
+    parts = [f"request {event.get('route', '-')} {event.get('status', '-')}"]
+    duration = event.get("duration_ms")
+    if isinstance(duration, (int, float)) and not isinstance(duration, bool):
+        parts.append(f"in {_fmt_ms(duration)}")
+    extra = []
+    if event.get("ttft_ms") is not None:
+        extra.append(f"TTFT {_fmt_ms(event.get('ttft_ms'))}")
+    tokens = event.get("tokens")
+    if isinstance(tokens, int) and not isinstance(tokens, bool):
+        extra.append(f"{tokens} tokens")
+    if event.get("tokens_per_s") is not None:
+        extra.append(_fmt_rate(event.get("tokens_per_s")))
+    line = " ".join(parts)
+    return f"{line} ({', '.join(extra)})" if extra else line
+
+
+def _clip(text: str, limit: int) -> str:
+    limit = max(1, limit)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _terminal_size() -> tuple[int, int] | None:
+    import os
+
+    for fd in (1, 2, 0):
+        try:
+            size = os.get_terminal_size(fd)
+        except (OSError, ValueError):
+            continue
+        return size.columns, size.lines
+    return None
+
+
+def _console_width(live: Live | None) -> int:
+    if live is not None:
+        return live.console.width
+    size = _terminal_size()
+    return size[0] if size is not None else 80
+
+
+@contextlib.contextmanager
+def waiting(message: str, file: IO[str] | None = None) -> Iterator[None]:
+    """Say what is being waited for (`hubs` listening for announcements, the LAN fallback): a
+    spinner line on a terminal that can redraw, erased when the wait ends; nothing anywhere else
+    (scripts read the result, not the wait)."""
+    out = file or sys.stderr
+    if not live_capable(out):
+        yield
+        return
+    try:
+        status = _console(out).status(visible(message), spinner="dots")
+        status.start()
+    except OSError:  # the terminal is gone: the wait itself still happens
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            status.stop()
 
 
 def print_text(text: str, style: str | None = None, file: IO[str] | None = None) -> None:

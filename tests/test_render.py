@@ -51,3 +51,55 @@ def test_ago() -> None:
     assert render.ago(1_000_000, now_ms=1_004_000) == "4s ago"
     assert render.ago(0, now_ms=3 * 3600 * 1000) == "3h ago"
     assert render.ago(None) == "-"
+
+
+def _screen(raw: str, cols: int = 100, rows: int = 30) -> list[str]:
+    import pyte
+
+    screen = pyte.Screen(cols, rows)
+    pyte.Stream(screen).feed(raw.replace("\n", "\r\n"))
+    return [line.rstrip() for line in screen.display]
+
+
+def test_watch_warning_goes_once_the_hub_answers_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = Tty()
+    monkeypatch.setattr("sys.stdout", out)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.setenv("COLUMNS", "100")
+    w = render.Watcher(("NICKNAME", "STATUS"), "room ABC123")
+    w.show([["alice", "online"]], [False])
+    w.warn("warning: the hub at http://127.0.0.1:3000 did not answer in time; still trying")
+    shown = _screen(out.getvalue())
+    assert any("did not answer in time; still trying" in line for line in shown)
+    w.show([["alice", "online"], ["bob", "online"]], [False, False])
+    shown = _screen(out.getvalue())
+    assert any(line.startswith("bob") for line in shown)
+    assert not any("still trying" in line for line in shown)  # the stale warning is gone
+    w.close()
+
+
+def test_watch_warning_when_piped_is_one_line_on_stderr(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    w = render.Watcher(("NICKNAME",), "room ABC123")
+    w.warn("warning: the hub did not answer; still trying")
+    w.show([["alice"]], [False])
+    got = capsys.readouterr()
+    assert got.err == "warning: the hub did not answer; still trying\n"
+    assert got.out == "alice\n\n"
+
+
+@pytest.mark.parametrize(("term", "live"), [("dumb", False), ("unknown", False), ("xterm-256color", True)])
+def test_live_display_only_where_the_terminal_can_redraw(
+    monkeypatch: pytest.MonkeyPatch, term: str, live: bool
+) -> None:
+    monkeypatch.setenv("TERM", term)
+    assert render.live_capable(Tty()) is live
+    assert render.live_capable(io.StringIO()) is False
+    out = Tty()
+    monkeypatch.setattr("sys.stdout", out)
+    w = render.Watcher(("NICKNAME",), "room ABC123")
+    w.show([["alice"]], [False])
+    w.close()
+    # A dumb terminal gets the rows as they come (rich would hold a live table back until the end).
+    assert (out.getvalue() == "alice\n\n") is not live

@@ -213,3 +213,96 @@ def test_closing_the_terminal_of_list_watch_exits_zero(
     w.expect(r"Ctrl-C to stop")
     w.hang_up()
     assert w.wait() == 0
+
+
+def test_a_dumb_terminal_gets_plain_lines_while_joined(
+    hub: RunningHub, llm: StandIn, room: str, ptys: list[PtyProcess], clean_env: dict[str, str]
+) -> None:
+    p = _join_on_pty(ptys, hub, llm, room, "--nickname", "dora", env={**clean_env, "TERM": "dumb"})
+    # Said while joined, not held back until Ctrl-C (rich draws nothing live on TERM=dumb).
+    p.expect(rf"joined room {room} on {hub.url} as dora sharing {MODEL}")
+    wait_for(lambda: hub.state.participants(room), "the join")
+    assert "╭" not in p.text and "\x1b[?25l" not in p.text
+    p.proc.send_signal(signal.SIGINT)
+    assert p.wait() == 0
+    assert "left the room" in plain(p.text) and "╭" not in p.text
+
+
+def test_typed_keys_do_not_reach_the_panel_and_sigterm_restores_echo(
+    hub: RunningHub, llm: StandIn, room: str, ptys: list[PtyProcess], clean_env: dict[str, str]
+) -> None:
+    import termios
+
+    p = _join_on_pty(ptys, hub, llm, room, "--nickname", "erin", env=clean_env)
+    assert termios.tcgetattr(p.master)[3] & termios.ECHO
+    p.expect(r"beats\s+[1-9]")
+    assert not termios.tcgetattr(p.master)[3] & termios.ECHO
+    p.send("typed-over-the-panel")
+    p.raw = b""
+    p.expect(r"beats\s+[1-9]\d*\s")  # a later frame
+    p.proc.send_signal(signal.SIGTERM)
+    assert p.wait() == 0
+    assert "typed-over-the-panel" not in plain(p.text)
+    assert termios.tcgetattr(p.master)[3] & termios.ECHO
+    assert hub.state.participants(room) == []
+
+
+def test_list_watch_redraws_one_clean_table_after_a_resize(
+    hub: RunningHub, room: str, ptys: list[PtyProcess], clean_env: dict[str, str]
+) -> None:
+    import fcntl
+    import struct
+    import termios
+
+    import pyte
+
+    from tests.test_panel import reflow
+
+    w = PtyProcess("list", room, "--hub", hub.url, "--watch", env=clean_env, cols=120)
+    ptys.append(w)
+    w.expect(r"Ctrl-C to stop")
+    screen = pyte.Screen(120, 40)
+    stream = pyte.ByteStream(screen)
+    stream.feed(w.raw)
+    screen, stream = reflow(screen, 40, 40)  # the terminal re-wraps what it shows, then tells us
+    fcntl.ioctl(w.master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 40, 0, 0))
+    w.raw = b""
+    w.expect(r"Ctrl-C to stop")  # the next refresh (every 2 s)
+    stream.feed(w.raw)
+    lines = [line.rstrip() for line in screen.display]
+    assert sum(line.startswith("NICK") for line in lines) == 1, "\n".join(lines)
+    assert sum("Ctrl-C to stop" in line for line in lines) == 1, "\n".join(lines)
+    w.proc.send_signal(signal.SIGINT)
+    assert w.wait() == 0
+
+
+@pytest.mark.parametrize("cols", [40, 60, 120])
+def test_a_hub_gone_is_said_in_words_in_a_panel_of_the_same_width(
+    llm: StandIn, ptys: list[PtyProcess], clean_env: dict[str, str], cols: int
+) -> None:
+    import pyte
+
+    from llmroom_cli.server import start_hub
+    from tests.test_panel import flat, panel_box
+
+    def screen() -> list[str]:
+        s = pyte.Screen(cols, 60)
+        pyte.ByteStream(s).feed(p.raw)
+        return [line.rstrip() for line in s.display]
+
+    with start_hub(port=0) as hub:
+        room = hub.state.create_room("r")["code"]
+        args = ("join", room, "--hub", hub.url, "-e", llm.url, "--interval", "0.1")
+        p = PtyProcess(*args, env=clean_env, rows=60, cols=cols)
+        ptys.append(p)
+        p.expect(r"beats\s+2")
+        width = len(panel_box(screen())[0])
+        port = hub.url.rsplit(":", 1)[1]
+    p.expect(r"reconnecting")
+    words = f"nothing listens on 127.0.0.1:{port}"
+    wait_for(lambda: words in flat(panel_box(screen())), "the reason in words in the panel")
+    box = panel_box(screen())
+    assert len(box[0]) == width <= cols
+    assert "Errno" not in plain(p.text) and "Connection refused" not in plain(p.text)
+    p.proc.send_signal(signal.SIGINT)
+    assert p.wait() == 0  # the leave is unconfirmed (a warning), the run itself went well
