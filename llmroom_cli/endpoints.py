@@ -290,6 +290,10 @@ class _Prober:
 
 
 def _why(exc: httpx.HTTPError) -> str:
+    if isinstance(exc, httpx.TransportError):
+        from llmroom_cli.http import in_words
+
+        return str(in_words(exc)) or type(exc).__name__
     text = str(exc) or type(exc).__name__
     if "refused" in text.lower():
         return "connection refused"

@@ -87,7 +87,10 @@ def _probe(http: httpx.Client, base: str, path: str, timeout_s: float, enveloped
     except httpx.TimeoutException as exc:
         raise HubUnavailable(f"the hub at {base} did not answer in time") from exc
     except httpx.TransportError as exc:
-        raise HubUnavailable(f"cannot reach the hub at {base}: {exc or type(exc).__name__}") from exc
+        from llmroom_cli.http import in_words
+
+        reason = str(in_words(exc)) or type(exc).__name__
+        raise HubUnavailable(f"cannot reach the hub at {base}: {reason}") from exc
     try:
         data = json.loads(bytes(buf))
     except (ValueError, UnicodeDecodeError):

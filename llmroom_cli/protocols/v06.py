@@ -39,6 +39,7 @@ from llmroom_cli.errors import (
     LlmroomError,
     ParticipantNotFound,
     RoomNotFound,
+    describe_os_error,
 )
 from llmroom_cli.session import (
     JoinPlan,
@@ -285,7 +286,9 @@ class V06Client:
         except httpx.TimeoutException as exc:
             raise HubUnavailable(f"the hub at {self.base_url} did not answer in time", _START_HINT) from exc
         except httpx.TransportError as exc:
-            reason = str(exc) or type(exc).__name__
+            from llmroom_cli.http import in_words
+
+            reason = str(in_words(exc)) or type(exc).__name__
             raise HubUnavailable(f"cannot reach the hub at {self.base_url}: {reason}", _START_HINT) from exc
 
     def _raise_for(self, status: int, doc: Any, ctype: str, method: str, path: str, code: str | None) -> None:
@@ -993,7 +996,8 @@ class TunnelSession:
                     self._refused(exc)
                 except Exception as exc:  # OSError, TimeoutError, websockets' InvalidHandshake ...
                     # The token is a credential for 60 s: never let it into a message.
-                    why = (str(exc) or type(exc).__name__).replace(reg.token, "***")
+                    far = urlsplit(reg.tunnel_url)
+                    why = describe_os_error(exc, far.hostname, far.port).replace(reg.token, "***")
                     raise HubUnavailable(f"cannot open the tunnel to {self.client.base_url}: {why}") from None
             self._start_tunnel(conn, reg.tunnel_url)
             if self.stop.is_set():
@@ -1147,7 +1151,7 @@ class TunnelSession:
             if rcvd is not None:
                 code, reason = int(rcvd.code), str(rcvd.reason)
             else:
-                tunnel.error = f"{type(exc).__name__}: {exc}"
+                tunnel.error = describe_os_error(exc)
                 _abort(tunnel.conn)  # whatever broke the reader, the socket must not linger half-used
         finally:
             tunnel.close_code, tunnel.close_reason = code, reason
