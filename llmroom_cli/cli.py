@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
     from llmroom_cli.client import HubClient
     from llmroom_cli.endpoints import ModelInfo
+    from llmroom_cli.hubapi import Hub
 
 T = TypeVar("T")
 
@@ -81,6 +82,15 @@ HubOpt = Annotated[
         envvar="LLMROOM_HUB",
         help="Hub URL (host:port works too), or 'auto' to find one on the local network"
         f" [default: {DEFAULT_HUB}].",
+        show_default=False,
+    ),
+]
+HubApiOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--hub-api",
+        metavar="v0.1|v0.6",
+        help="Speak this hub API generation instead of detecting it.",
         show_default=False,
     ),
 ]
@@ -284,17 +294,16 @@ def _fallback_if_down(http: "httpx.Client", hub_url: str) -> str:
     return _fallback_named(http, hub_url)[0]
 
 
-def _fallback_named(http: "httpx.Client", hub_url: str) -> tuple[str, str | None]:
-    """The default hub if it answers, else one found on the local network; the second item names
-    that hub (None for the default one): a hub nobody named must not be sent a password unasked."""
-    from llmroom_cli.client import HubClient
+def _fallback_named(http: "httpx.Client", hub_url: str, forced: str | None = None) -> tuple[str, str | None]:
+    """The default hub if it answers (either generation, or the `forced` one), else one found on the
+    local network; the second item names that hub (None for the default one): a hub nobody named must
+    not be sent a password unasked."""
     from llmroom_cli.errors import HubUnavailable
+    from llmroom_cli.hubapi import answers
 
-    try:
-        HubClient(http, hub_url).health(timeout_s=1.0)
+    if answers(http, hub_url, forced, timeout_s=1.0):
         return hub_url, None
-    except HubUnavailable:
-        _err(f"no hub answers at {hub_url}; looking for one on the local network ...")
+    _err(f"no hub answers at {hub_url}; looking for one on the local network ...")
     try:
         url, name = _discover_hub_named()
         return url, name
@@ -325,6 +334,31 @@ def _password_for_lan_hub(lan_hub: str, secret: str | None, interactive: bool) -
     return None
 
 
+def _hub_api(value: str | None) -> str | None:
+    """`--hub-api`, checked before any request: "v0.1", "v0.6" or None (detect)."""
+    from llmroom_cli.hubapi import HUB_APIS
+
+    if value is None:
+        return None
+    if value.strip().lower() not in HUB_APIS:
+        raise UsageError(f"--hub-api {value!r}: expected v0.1 or v0.6")
+    return value.strip().lower()
+
+
+def _open_hub(hub: str | None, forced: str | None) -> "Hub":
+    """The hub a command talks to (the same LAN fallback for every command when nothing names one),
+    its generation detected once (or `forced`)."""
+    from llmroom_cli.hubapi import open_hub
+
+    http = _http_for_hub(hub)
+    hub_url = _hub(hub)
+    if hub is None:
+        hub_url = _fallback_named(http, hub_url, forced)[0]
+    found = open_hub(http, hub_url, forced)
+    _debug(f"hub {found.base_url} speaks {found.label}")
+    return found
+
+
 def _code(code: str) -> str:
     from llmroom_cli.options import parse_room_code
 
@@ -344,6 +378,18 @@ def _client(hub_url: str) -> "HubClient":
 
 
 def _read_password_stdin() -> str:
+    """--password-stdin: asked without echo on a terminal (the prompt on the terminal, not stdout);
+    otherwise the first line of stdin, read silently."""
+    if sys.stdin.isatty():
+        import getpass
+
+        try:
+            password = getpass.getpass("room password: ")
+        except EOFError:
+            password = ""
+        if not password:
+            raise UsageError("--password-stdin: no password typed")
+        return password
     line = sys.stdin.readline()
     password = line.rstrip("\r\n")
     if not password:
@@ -454,91 +500,144 @@ def serve(
 # -- create / list / leave ----------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n"
+    "  llmroom create 'Hack night'\n\n"
+    "  CODE=$(llmroom create Lab --hub 10.0.0.5)\n\n"
+    "  llmroom create Locked --password-stdin\n\n"
+    "  llmroom create Tuned -c temperature=0.3 -c max_tokens=512   (v0.6 hubs: room defaults)"
+)
 def create(
     name: Annotated[str, typer.Argument(help="Room name.", show_default=False)],
     hub: HubOpt = None,
+    hub_api: HubApiOpt = None,
     password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Protect the room with a password read from stdin.")
+        bool,
+        typer.Option(
+            "--password-stdin",
+            help="Protect the room with a password: asked without echo on a terminal, else the first"
+            " line of stdin.",
+        ),
     ] = False,
+    config: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--config", "-c", help="Room default KEY=VALUE for every request, repeatable (v0.6 hubs)."
+        ),
+    ] = None,
+    config_file: Annotated[
+        Path | None, typer.Option("--config-file", help="Room defaults from a JSON or TOML file (v0.6).")
+    ] = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Create a room and print its code (only the code when piped: CODE=$(llmroom create NAME))."""
 
     def body() -> None:
+        forced = _hub_api(hub_api)
         if not name.strip():
             raise UsageError("the room name is empty")
         if len(name) > 256:
             raise UsageError(f"the room name is {len(name)} characters long: at most 256")
-        hub_url = _hub(hub)
+        from llmroom_cli.options import parse_config
+
+        defaults = parse_config(config or [], config_file, warn=lambda m: _err(f"warning: {m}"))
         password = _read_password_stdin() if password_stdin else None
         if password:
             _secrets.add(password)
-        data = _client(hub_url).create_room(name, password)
+        found = _open_hub(hub, forced)
+        data = found.create_room(name, password, defaults)
         if json_out:
             _print_json(data)
             return
         code = data["room"]["code"]
         if sys.stdout.isatty():
-            from llmroom_cli.render import print_text
+            from llmroom_cli.options import curl_example, room_api_url
+            from llmroom_cli.render import print_text, visible
 
-            print_text(f"created room {code} ({name}) on {hub_url}")
-            print_text(f"join it with: llmroom join {code} --hub {hub_url}", style="dim")
+            hub_url = found.base_url
+            print_text(f"created room {visible(code)} ({name}) on {hub_url}")
+            print_text(f"share a server: llmroom join {code} --hub {hub_url}", style="dim")
+            print_text(f"use the room (OpenAI-compatible): {room_api_url(hub_url, code)}", style="dim")
+            print_text(f"  {curl_example(hub_url, code)}", style="dim")
         else:
             sys.stdout.write(code + "\n")
 
     _run(body, debug)
 
 
-@app.command("list")
+WideOpt = Annotated[bool, typer.Option("--wide", help="Show whole participant ids on a terminal too.")]
+
+
+@app.command(
+    "list",
+    epilog="Examples:\n\n"
+    "  llmroom list\n\n"
+    "  llmroom list ABC123 --watch\n\n"
+    "  llmroom list ABC123 | cut -f1,2   (id and nickname)\n\n"
+    "  llmroom list ABC123 --json",
+)
 def list_(
     code: Annotated[
         str | None, typer.Argument(help="Room code: list its participants.", show_default=False)
     ] = None,
     hub: HubOpt = None,
+    hub_api: HubApiOpt = None,
     json_out: JsonOpt = False,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Keep the view live until Ctrl-C.")] = False,
+    wide: WideOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """List rooms, or a room's participants (offline ones dimmed).
 
-    Piped output is tab-separated, one line per row and no header. Rooms: code, name, participants,
-    age. Participants: nickname, model, status, GPU, VRAM, RAM, endpoint, last seen."""
+    Piped output is tab-separated, one line per row and no header, numbers plain and times in ISO-8601
+    UTC. Rooms: code, name, participants, created, password (yes/no, '-' where the hub does not say).
+    Participants: id, nickname, model, status, GPU, VRAM GB, RAM GB, endpoint, last seen."""
 
     def body() -> None:
+        forced = _hub_api(hub_api)
         room = _code(code) if code is not None else None
-        from llmroom_cli.client import HubClient
-
-        http = _http_for_hub(hub)
-        client = HubClient(http, _hub_or_discovered(http, hub))
+        found = _open_hub(hub, forced)
         if watch:
-            _watch(client, room, json_out)
+            _watch(found, room, json_out, wide)
             return
         from llmroom_cli import render
 
+        plain = not sys.stdout.isatty()
         if room is None:
-            data = client.rooms_body()
+            data = found.rooms_body()
             if json_out:
                 _print_json(data)
                 return
-            rows, dim = render.rooms_view(data["rooms"])
-            render.print_table(render.ROOM_COLUMNS, rows, dim, empty=f"no rooms on {client.base_url}")
+            rows, dim = render.rooms_view(data["rooms"], plain=plain)
+            render.print_table(render.ROOM_COLUMNS, rows, dim, empty=f"no rooms on {found.base_url}")
         else:
-            data = client.participants_body(room)
+            data = found.participants_body(room)
             if json_out:
                 _print_json(data)
                 return
-            rows, dim = render.participants_view(data["participants"])
+            if not plain:
+                from llmroom_cli.options import curl_example, room_api_url
+
+                render.print_text(f"room {room}: {room_api_url(found.base_url, room)}", style="bold")
+                render.print_text(f"  {curl_example(found.base_url, room)}", style="dim")
+            rows, dim = render.participants_view(data["participants"], plain=plain, wide=wide)
             render.print_table(render.PARTICIPANT_COLUMNS, rows, dim, empty=f"no participants in {room}")
 
     _run(body, debug)
 
 
-def _watch(client: "HubClient", room: str | None, json_out: bool) -> None:
+# A v0.6 hub cuts an event stream after ~10 s without an event and a frozen one sends nothing: a stream
+# silent this long is dropped and opened again (and the view refreshed, in case events were missed).
+WATCH_SILENCE_S = 15.0
+WATCH_POLL_S = 2.0
+
+
+def _watch(hub: "Hub", room: str | None, json_out: bool, wide: bool = False) -> None:
     """Follow the room's event stream where the hub has one, else poll every 2 s, until Ctrl-C."""
     import json
     import threading
+    import time
 
     from llmroom_cli import render
     from llmroom_cli.errors import HubUnavailable
@@ -549,31 +648,36 @@ def _watch(client: "HubClient", room: str | None, json_out: bool) -> None:
         if json_out
         else render.Watcher(
             render.PARTICIPANT_COLUMNS if room else render.ROOM_COLUMNS,
-            f"room {room}" if room else client.base_url,
+            f"room {room}" if room else hub.base_url,
         )
     )
     changed = threading.Event()
+    plain = not sys.stdout.isatty()
 
     def follow() -> None:
         assert room is not None
         while not stop.is_set():
+            opened = time.monotonic()
             try:
-                for _event, _data in client.events(room):
+                for _event, _data in hub.events(room, silence_s=WATCH_SILENCE_S):
                     changed.set()
                     if stop.is_set():
                         return
             except LlmroomError:
                 pass
-            if stop.wait(2.0):
+            # The stream ended (cut for silence, or the hub went away): open it again, at once if it
+            # had lasted, else after a pause (a hub that drops every stream must not be hammered).
+            changed.set()
+            if stop.wait(0.1 if time.monotonic() - opened > WATCH_POLL_S else WATCH_POLL_S):
                 return
 
     def show() -> None:
         if room is None:
-            data = client.rooms_body()
-            rows, dim = render.rooms_view(data["rooms"])
+            data = hub.rooms_body()
+            rows, dim = render.rooms_view(data["rooms"], plain=plain)
         else:
-            data = client.participants_body(room)
-            rows, dim = render.participants_view(data["participants"])
+            data = hub.participants_body(room)
+            rows, dim = render.participants_view(data["participants"], plain=plain, wide=wide)
         if json_out:
             sys.stdout.write(json.dumps(data, separators=(",", ":")) + "\n")
             sys.stdout.flush()
@@ -591,7 +695,7 @@ def _watch(client: "HubClient", room: str | None, json_out: bool) -> None:
                 threading.Thread(target=follow, name="llmroom-events", daemon=True).start()
             while not stop.is_set():
                 # An event wakes us at once; "last seen" ages and sweeps are picked up every 2 s anyway.
-                changed.wait(2.0)
+                changed.wait(WATCH_POLL_S)
                 changed.clear()
                 if stop.is_set():
                     break
@@ -604,30 +708,109 @@ def _watch(client: "HubClient", room: str | None, json_out: bool) -> None:
                 watcher.close()
 
 
-@app.command()
+def _own_ids(hub_url: str, room: str, endpoint: str | None) -> dict[str, str]:
+    """The stable ids `join` on this machine would have used in `room` ({id: endpoint}): for the given
+    endpoint, else for the default one and the usual local ports (how `join` finds a server)."""
+    from llmroom_cli.endpoints import LOCAL_CANDIDATES, normalize_endpoint
+    from llmroom_cli.identity import stable_participant_id
+
+    if endpoint is not None:
+        candidates = [normalize_endpoint(endpoint)]
+    else:
+        ports = [c.rsplit(":", 1)[1] for c in LOCAL_CANDIDATES]
+        raw = [*LOCAL_CANDIDATES, *(f"http://localhost:{p}" for p in ports)]
+        candidates = list(dict.fromkeys(normalize_endpoint(c) for c in raw))
+    return {stable_participant_id(hub_url, room, ep): ep for ep in candidates}
+
+
+def _match_participant(parts: list[dict[str, Any]], wanted: str) -> list[dict[str, Any]]:
+    """The participants `wanted` names: the exact id; else those of that nickname (exactly, then in any
+    case); else those whose id starts with it."""
+    exact = [p for p in parts if p.get("id") == wanted]
+    if exact:
+        return exact
+    nicks = [(p, p["nickname"]) for p in parts if isinstance(p.get("nickname"), str)]
+    named = [p for p, nick in nicks if nick == wanted] or [
+        p for p, nick in nicks if nick.casefold() == wanted.casefold()
+    ]
+    if named:
+        return named
+    return [p for p in parts if isinstance(p.get("id"), str) and p["id"].startswith(wanted)]
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  llmroom leave ABC123                 (this machine's own participant)\n\n"
+    "  llmroom leave ABC123 alice@laptop    (by nickname)\n\n"
+    "  llmroom leave ABC123 3f9c2a1b        (by id or a unique id prefix, as `list ABC123` shows)"
+)
 def leave(
     code: CodeArg,
-    participant_id: Annotated[str, typer.Argument(metavar="ID", help="Participant id.", show_default=False)],
+    participant_id: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[ID|NICKNAME]",
+            help="Participant id, a unique id prefix, or a nickname [default: this machine's own].",
+            show_default=False,
+        ),
+    ] = None,
     hub: HubOpt = None,
+    hub_api: HubApiOpt = None,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--endpoint",
+            "-e",
+            envvar="LLMROOM_ENDPOINT",
+            help="Without an ID: the LLM server this machine shared [default: the usual local ports].",
+            show_default=False,
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Remove a participant from a room (to clean up after a crash)."""
 
     def body() -> None:
+        forced = _hub_api(hub_api)
         room = _code(code)
-        if not participant_id.strip():
+        if participant_id is not None and not participant_id.strip():
             raise UsageError("the participant id is empty")
-        hub_url = _hub(hub)
+        if endpoint is not None:
+            from llmroom_cli.endpoints import normalize_endpoint
+
+            normalize_endpoint(endpoint)  # a bad URL is exit 2 before any request
+        found = _open_hub(hub, forced)
         from llmroom_cli.errors import ParticipantNotFound
 
+        parts = found.participants(room)
+        if participant_id is None:
+            own = _own_ids(found.base_url, room, endpoint)
+            matches = [p for p in parts if p.get("id") in own]
+            if not matches:
+                _err(f"nothing to remove: room {room} lists no participant of this machine (give an ID)")
+                return
+            what = "this machine's participant"
+        else:
+            matches = _match_participant(parts, participant_id)
+            what = ""
+        if len(matches) > 1:
+            listed = ", ".join(f"{p.get('id')} ({p.get('nickname')})" for p in matches)
+            raise UsageError(
+                f"{participant_id or 'this machine'} matches {len(matches)} participants of room {room}:"
+                f" {listed}",
+                "give a whole id",
+            )
+        target = str(matches[0].get("id")) if matches else str(participant_id)
         try:
-            _client(hub_url).leave(room, participant_id)
+            found.leave(room, target)
         except ParticipantNotFound:
             # Cleanup is idempotent: what a script wanted gone is gone.
             _err(f"nothing to remove: room {room} does not list {participant_id}")
             return
-        if sys.stdout.isatty():
-            _err(f"removed {participant_id} from room {room}")
+        nick = matches[0].get("nickname") if matches else None
+        named = f"{target} ({nick})" if isinstance(nick, str) and nick != target else target
+        if participant_id is None or sys.stdout.isatty() or sys.stderr.isatty():
+            _err(f"removed {what + ' ' if what else ''}{named} from room {room}")
 
     _run(body, debug)
 

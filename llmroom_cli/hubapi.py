@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from llmroom_cli.errors import HubUnavailable
+from llmroom_cli.errors import HubProtocolError, HubUnavailable
 
 if TYPE_CHECKING:
     import httpx
@@ -21,22 +21,39 @@ if TYPE_CHECKING:
     from llmroom_cli.client import HubClient
     from llmroom_cli.protocols.v06 import V06Client
 
+HUB_APIS = ("v0.1", "v0.6")
+START_HINT = "is the hub running? start one with: llmroom serve"
+
+
+def generation_label(detected: str) -> str:
+    """How a detected generation is shown: "v0.1", "v0.6", or "v0.1 + v0.6" for a hub speaking both."""
+    return "v0.1 + v0.6" if detected == "both" else detected
+
 
 class Hub:
-    """The hub at `base_url`, through the client of its `generation` ("v0.1" or "v0.6")."""
+    """The hub at `base_url`, through the client of its `generation` ("v0.1" or "v0.6").
 
-    def __init__(self, http: httpx.Client, base_url: str, generation: str) -> None:
+    `detected` is what the probe found ("v0.1", "v0.6" or "both"; the forced value under --hub-api)."""
+
+    def __init__(
+        self, http: httpx.Client, base_url: str, generation: str, detected: str | None = None
+    ) -> None:
         from llmroom_cli.client import HubClient
 
         self.base_url = base_url.rstrip("/")
         self.generation = generation
-        # Kept even on v0.6: the room event stream lives at /rooms/:code/events on both generations.
+        self.detected = detected or generation
         self.v01: HubClient = HubClient(http, self.base_url)
         self.v06: V06Client | None = None
         if generation == "v0.6":
             from llmroom_cli.protocols.v06 import V06Client
 
             self.v06 = V06Client(http, self.base_url)
+
+    @property
+    def label(self) -> str:
+        """The generation as shown to a person (`doctor`, `hubs`, `--debug`)."""
+        return generation_label(self.detected)
 
     def health(self, timeout_s: float | None = None) -> dict[str, Any]:
         """The health body (`status`, and `timestamp` in ms where the hub stamps it)."""
@@ -73,6 +90,7 @@ class Hub:
         return self.v01.participants_body(code)
 
     def participants(self, code: str) -> list[dict[str, Any]]:
+        """The room's participants (RoomNotFound when there is no such room)."""
         parts: list[dict[str, Any]] = self.participants_body(code)["participants"]
         return parts
 
@@ -83,28 +101,44 @@ class Hub:
         else:
             self.v01.leave(code, participant_id, timeout_s)
 
-    def events(self, code: str) -> Iterator[tuple[str, Any]]:
-        """The room's event stream, (event, data) until it ends (a v0.6 hub cuts a quiet one after
-        ~10 s: callers reconnect)."""
-        return self.v01.events(code)
+    def events(self, code: str, silence_s: float | None = None) -> Iterator[tuple[str, Any]]:
+        """The room's event stream, (event, data) until it ends. On v0.6 it is `/v1/rooms/:code/events`
+        and each frame's `{"type", "timestamp", "roomCode", "data"}` is unwrapped to its `data`, so the
+        caller sees the v0.1 shape. A v0.6 hub cuts a quiet stream after ~10 s, and one silent for
+        `silence_s` raises HubUnavailable: callers reconnect."""
+        if self.v06 is None:
+            yield from self.v01.events(code, silence_s=silence_s)
+            return
+        for event, data in self.v01.events(code, prefix="/v1", silence_s=silence_s):
+            if isinstance(data, dict) and "type" in data and "data" in data:
+                data = data["data"]
+            yield event, data
 
 
 def open_hub(http: httpx.Client, hub_url: str, forced: str | None = None) -> Hub:
-    """The hub at `hub_url`, its generation probed once per run (or `forced`: "v0.1"/"v0.6")."""
-    from llmroom_cli.protocols.generation import detect_generation
+    """The hub at `hub_url`, its generation probed once per run (or `forced`: "v0.1"/"v0.6").
 
-    found = detect_generation(http, hub_url, forced)
-    return Hub(http, hub_url, "v0.1" if found == "v0.1" else "v0.6")
-
-
-def answers(http: httpx.Client, hub_url: str, forced: str | None = None, timeout_s: float = 1.0) -> bool:
-    """True when a hub (of either generation) answers at `hub_url` within `timeout_s`."""
+    Raises HubUnavailable when nothing answers, HubProtocolError when what answers is no hub."""
     from llmroom_cli.protocols.generation import detect_generation
 
     try:
-        detect_generation(http, hub_url, forced, timeout_s=timeout_s)
+        found = detect_generation(http, hub_url, forced)
+    except HubProtocolError:
+        raise
+    except HubUnavailable as exc:
+        raise HubUnavailable(exc.message, exc.hint or START_HINT) from exc
+    return Hub(http, hub_url, "v0.1" if found == "v0.1" else "v0.6", found)
+
+
+def answers(http: httpx.Client, hub_url: str, forced: str | None = None, timeout_s: float = 1.0) -> bool:
+    """True when a hub (of either generation, or of the `forced` one) answers at `hub_url` within
+    `timeout_s`. Something that answers but is no hub raises HubProtocolError: that is worth saying."""
+    from llmroom_cli.protocols.generation import detect_generation
+
+    try:
+        found = detect_generation(http, hub_url, forced, timeout_s=timeout_s)
         if forced is not None:
-            Hub(http, hub_url, forced).health(timeout_s)
+            Hub(http, hub_url, found).health(timeout_s)
     except HubUnavailable:
         return False
     return True

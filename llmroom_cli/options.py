@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -145,8 +146,30 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def parse_config(pairs: list[str], config_file: Path | None = None) -> dict[str, Any] | None:
-    """Merge `--config-file` (JSON or TOML) and `--config KEY=VALUE` pairs (pairs win); None if empty."""
+# Every generation key a hub understands (v0.6 room defaults and participant config: `instructions`
+# too); anything else is still sent, as hubs keep it, but likely a typo.
+KNOWN_CONFIG_KEYS = (*_RANGES, "stop", "instructions")
+
+
+def unknown_config_keys(config: dict[str, Any]) -> list[str]:
+    """A warning for each key no hub knows, naming the closest known one where there is one."""
+    import difflib
+
+    out = []
+    for key in config:
+        if key in KNOWN_CONFIG_KEYS:
+            continue
+        close = difflib.get_close_matches(key, KNOWN_CONFIG_KEYS, n=1, cutoff=0.6)
+        guess = f" (did you mean {close[0]}?)" if close else ""
+        out.append(f"unknown config key {key!r}{guess}; sent anyway")
+    return out
+
+
+def parse_config(
+    pairs: list[str], config_file: Path | None = None, warn: Callable[[str], None] | None = None
+) -> dict[str, Any] | None:
+    """Merge `--config-file` (JSON or TOML) and `--config KEY=VALUE` pairs (pairs win); None if empty.
+    `warn` is told of each unknown key (with the closest known one): they are kept and sent."""
     config: dict[str, Any] = {}
     if config_file is not None:
         config.update(_read_config_file(config_file))
@@ -156,6 +179,9 @@ def parse_config(pairs: list[str], config_file: Path | None = None) -> dict[str,
         if not sep or not key:
             raise UsageError(f"invalid --config {pair!r}: expected KEY=VALUE, as in temperature=0.7")
         config[key] = _typed_value(key, raw)
+    if warn is not None:
+        for line in unknown_config_keys(config):
+            warn(line)
     return validate_config(config) if config else None
 
 
@@ -266,3 +292,16 @@ def parse_headers(pairs: list[str], env_pairs: list[str], api_key: str | None) -
         put("Authorization", _header_value("API key", key, "--api-key"), "--api-key")
         out["Authorization"] = f"Bearer {key}"
     return out
+
+
+def room_api_url(hub_url: str, code: str) -> str:
+    """The room's OpenAI-compatible base URL: `http://HUB/rooms/CODE/v1` (both hub generations)."""
+    return f"{hub_url.rstrip('/')}/rooms/{code}/v1"
+
+
+def curl_example(hub_url: str, code: str) -> str:
+    """A copy-paste request to the room: any participant answers (`"model": "*"`)."""
+    body = '{"model": "*", "messages": [{"role": "user", "content": "Hello!"}]}'
+    return (
+        f"curl {room_api_url(hub_url, code)}/chat/completions -H 'Content-Type: application/json' -d '{body}'"
+    )

@@ -6,7 +6,9 @@ rich is imported only where something is drawn on a terminal: piped and JSON out
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import re
 import sys
 import threading
@@ -106,41 +108,94 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-ROOM_COLUMNS = ("CODE", "NAME", "PARTICIPANTS", "AGE")
-PARTICIPANT_COLUMNS = ("NICKNAME", "MODEL", "STATUS", "GPU", "VRAM", "RAM", "ENDPOINT", "LAST SEEN")
+ROOM_COLUMNS = ("CODE", "NAME", "PARTICIPANTS", "AGE", "PASSWORD")
+PARTICIPANT_COLUMNS = ("ID", "NICKNAME", "MODEL", "STATUS", "GPU", "VRAM", "RAM", "ENDPOINT", "LAST SEEN")
+# A shortened id on a terminal: this many characters at least, more where two ids share them.
+SHORT_ID_CHARS = 8
 
 
-def room_rows(rooms: Sequence[dict[str, Any]], now_ms: float | None = None) -> list[list[str]]:
+def iso_utc(ms: Any) -> str:
+    """1709409600000 -> '2024-03-02T20:00:00Z' (what a script wants); '-' for anything but a number."""
+    if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not math.isfinite(ms):
+        return "-"
+    try:
+        stamp = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return "-"
+    return stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _protected(room: dict[str, Any]) -> str:
+    value = room.get("passwordProtected")
+    return {True: "yes", False: "no"}.get(value, "-") if isinstance(value, bool) else "-"
+
+
+def room_rows(
+    rooms: Sequence[dict[str, Any]], now_ms: float | None = None, plain: bool = False
+) -> list[list[str]]:
+    """Rows of ROOM_COLUMNS. `plain` (piped): the creation time in ISO-8601 UTC instead of an age.
+    PASSWORD is yes/no where the hub says (v0.6), '-' where it does not (v0.1)."""
     return [
         [
             _text(r.get("code")),
             _text(r.get("name")),
             _text(r.get("participantCount", 0)),
-            ago(r.get("createdAt"), now_ms),
+            iso_utc(r.get("createdAt")) if plain else ago(r.get("createdAt"), now_ms),
+            _protected(r),
         ]
         for r in rooms
     ]
 
 
-def _gb(value: Any) -> str:
-    return f"{value} GB" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+def _gb(value: Any, plain: bool = False) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "-"
+    return str(value) if plain else f"{value} GB"
 
 
-def participant_rows(parts: Sequence[dict[str, Any]], now_ms: float | None = None) -> list[list[str]]:
+def short_ids(ids: Sequence[str], min_chars: int = SHORT_ID_CHARS) -> list[str]:
+    """Each id cut to the shortest prefix (at least `min_chars`) that no other id of the list shares,
+    as git shortens hashes: what is shown can always be typed back to `leave`."""
+    out = []
+    for i, full in enumerate(ids):
+        n = min_chars
+        while n < len(full) and any(j != i and other[:n] == full[:n] for j, other in enumerate(ids)):
+            n += 1
+        out.append(full if n >= len(full) else full[:n] + "…")
+    return out
+
+
+def _status(p: dict[str, Any]) -> str:
+    """The status, and for a v0.6 participant (`connection.kind` "tunnel") whether its tunnel is up."""
+    status = _text(p.get("status"))
+    conn = p.get("connection")
+    if isinstance(conn, dict) and conn.get("kind") == "tunnel" and isinstance(conn.get("connected"), bool):
+        return f"{status}, tunnel {'up' if conn['connected'] else 'down'}"
+    return status
+
+
+def participant_rows(
+    parts: Sequence[dict[str, Any]], now_ms: float | None = None, plain: bool = False, wide: bool = False
+) -> list[list[str]]:
+    """Rows of PARTICIPANT_COLUMNS. `plain` (piped): whole ids, plain numbers (VRAM, RAM in GB) and
+    ISO-8601 UTC times; on a terminal ids are shortened unless `wide`."""
+    ids = [_text(p.get("id")) for p in parts]
+    shown_ids = ids if plain or wide else short_ids(ids)
     rows = []
-    for p in parts:
+    for p, pid in zip(parts, shown_ids, strict=True):
         specs = p.get("specs") if isinstance(p.get("specs"), dict) else {}
         assert isinstance(specs, dict)
         rows.append(
             [
+                pid,
                 _text(p.get("nickname")),
                 _text(p.get("model")),
-                _text(p.get("status")),
+                _status(p),
                 _text(specs.get("gpu")),
-                _gb(specs.get("vram")),
-                _gb(specs.get("ram")),
+                _gb(specs.get("vram"), plain),
+                _gb(specs.get("ram"), plain),
                 _text(p.get("endpoint")),
-                ago(p.get("lastSeen"), now_ms),
+                iso_utc(p.get("lastSeen")) if plain else ago(p.get("lastSeen"), now_ms),
             ]
         )
     return rows
@@ -213,12 +268,16 @@ def _print_aligned(
     out.flush()
 
 
-def rooms_view(rooms: Sequence[dict[str, Any]]) -> tuple[list[list[str]], list[bool]]:
-    return room_rows(rooms), [False] * len(rooms)
+def rooms_view(rooms: Sequence[dict[str, Any]], plain: bool = False) -> tuple[list[list[str]], list[bool]]:
+    """Rows and dim flags for `list` (see room_rows)."""
+    return room_rows(rooms, plain=plain), [False] * len(rooms)
 
 
-def participants_view(parts: Sequence[dict[str, Any]]) -> tuple[list[list[str]], list[bool]]:
-    return participant_rows(parts), [p.get("status") != "online" for p in parts]
+def participants_view(
+    parts: Sequence[dict[str, Any]], plain: bool = False, wide: bool = False
+) -> tuple[list[list[str]], list[bool]]:
+    """Rows and dim flags (offline participants) for `list CODE` (see participant_rows)."""
+    return participant_rows(parts, plain=plain, wide=wide), [p.get("status") != "online" for p in parts]
 
 
 class Watcher:
