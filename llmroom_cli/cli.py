@@ -109,6 +109,19 @@ CodeArg = Annotated[
 ]
 
 
+def _colour_ok(stream: Any) -> bool:
+    """ANSI colour on this stream: a terminal that can show it, and the user did not ask for none."""
+    try:
+        tty = bool(stream.isatty())
+    except (OSError, ValueError):
+        return False
+    return tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+# `error:` in bold red and `warning:` in bold yellow, on a terminal only.
+_PREFIX_COLOURS = {"error:": "\x1b[1;31m", "warning:": "\x1b[1;33m"}
+
+
 def _err(text: str) -> None:
     """One line on stderr. A closed, full or hung-up stderr is not an error of ours: the line is
     dropped (and later ones with it), the command's outcome and exit code stay what they were."""
@@ -116,7 +129,11 @@ def _err(text: str) -> None:
 
     try:
         # Messages carry foreign text (a hub's error, an mDNS name): shown literally, one line.
-        sys.stderr.write(visible(text) + "\n")
+        line = visible(text)
+        prefix = line.split(" ", 1)[0]
+        if prefix in _PREFIX_COLOURS and _colour_ok(sys.stderr):
+            line = f"{_PREFIX_COLOURS[prefix]}{prefix}\x1b[0m{line[len(prefix) :]}"
+        sys.stderr.write(line + "\n")
         sys.stderr.flush()
     except (OSError, ValueError):
         silence_fd(2)
@@ -272,7 +289,10 @@ def _discover_hub_named(timeout_s: float = 1.5) -> tuple[str, str]:
     hubs = discover(timeout_s)
     interactive = sys.stdin.isatty() and sys.stderr.isatty()
     chosen = pick_hub(hubs, _ask_hub if interactive else None)
-    _err(f"using hub {chosen.name} at {chosen.url} (found on the local network)")
+    _err(
+        f"using hub {chosen.name} at {chosen.url} (found on the local network;"
+        f" to skip the search: export LLMROOM_HUB={chosen.url})"
+    )
     url: str = chosen.url
     return url, f"{chosen.name} at {url}"
 
@@ -345,11 +365,29 @@ def _hub_api(value: str | None) -> str | None:
     return value.strip().lower()
 
 
+_user_config_cache: list[dict[str, str]] = []
+
+
+def _user_config() -> dict[str, str]:
+    """The user's config file (`options.load_user_config`), read once per run; warnings on stderr."""
+    if not _user_config_cache:
+        from llmroom_cli.options import load_user_config
+
+        _user_config_cache.append(load_user_config(warn=lambda m: _err(f"warning: {m}")))
+    return _user_config_cache[0]
+
+
+def _named_hub(hub: str | None) -> str | None:
+    """--hub / LLMROOM_HUB, else the config file's `hub`; None when nothing names one."""
+    return hub if hub is not None else _user_config().get("hub")
+
+
 def _open_hub(hub: str | None, forced: str | None) -> "Hub":
     """The hub a command talks to (the same LAN fallback for every command when nothing names one),
     its generation detected once (or `forced`)."""
     from llmroom_cli.hubapi import open_hub
 
+    hub = _named_hub(hub)
     http = _http_for_hub(hub)
     hub_url = _hub(hub)
     if hub is None:
@@ -1337,7 +1375,12 @@ def _join_flow(
 # -- hubs -------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n"
+    "  llmroom hubs\n\n"
+    "  llmroom hubs --timeout 5 --json\n\n"
+    "  export LLMROOM_HUB=$(llmroom hubs --json | jq -r '.[0].url')"
+)
 def hubs(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds to listen for announcements.", min=0.1)
@@ -1345,7 +1388,8 @@ def hubs(
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Find hubs on the local network (mDNS, _gambiarra._tcp) and check that they answer."""
+    """Find hubs on the local network (mDNS: _gambiarra._tcp for v0.1, _gambi._tcp for v0.6), check
+    that they answer, and show each one's hub API generation."""
 
     def body() -> int:
         import math
@@ -1353,7 +1397,10 @@ def hubs(
         if not math.isfinite(timeout):  # `nan` and `inf` pass typer's min check
             raise UsageError(f"--timeout {timeout}: expected a number of seconds")
         from llmroom_cli.discovery import discover
+        from llmroom_cli.hubapi import generation_label
 
+        if not json_out and sys.stderr.isatty():
+            _err(f"listening for hub announcements for {timeout:g} s ...")
         found = discover(timeout)
         if json_out:
             _print_json([h.to_json() for h in found])
@@ -1364,6 +1411,7 @@ def hubs(
                 [
                     h.name,
                     h.url,
+                    generation_label(h.generation) if h.generation else "-",
                     ", ".join(h.addresses),
                     str(h.txt.get("version", "-")),
                     "yes" if h.healthy else "no",
@@ -1371,7 +1419,7 @@ def hubs(
                 ]
                 for h in found
             ]
-            print_table(("NAME", "URL", "ADDRESSES", "VERSION", "ANSWERS", "ROUND TRIP"), rows)
+            print_table(("NAME", "URL", "HUB API", "ADDRESSES", "VERSION", "ANSWERS", "ROUND TRIP"), rows)
         if not found:
             _err("error: no hub found on the local network (start one with: llmroom serve --mdns)")
             return 5
@@ -1383,36 +1431,56 @@ def hubs(
 # -- doctor -----------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n"
+    "  llmroom doctor\n\n"
+    "  llmroom doctor --hub 10.0.0.5 --endpoint http://localhost:8080\n\n"
+    "  llmroom doctor --json > report.json"
+)
 def doctor(
     hub: HubOpt = None,
+    hub_api: HubApiOpt = None,
     endpoint: Annotated[
         str | None,
         typer.Option(
             "--endpoint",
             "-e",
             envvar="LLMROOM_ENDPOINT",
-            help="Your LLM server (default: search the usual ports).",
+            help="Your LLM server [default: search the usual ports].",
+            show_default=False,
         ),
     ] = None,
     advertise: Annotated[
-        str | None, typer.Option("--advertise", help="The URL you would publish instead.")
+        str | None, typer.Option("--advertise", help="The URL you would publish instead.", show_default=False)
     ] = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """One report for bug reports and "why is nobody sending me requests": versions, specs, local
-    servers, the hub's reachability, round trip and clock skew, the published address. Exit 0 when all
-    is well, else the exit code of the first problem."""
+    servers, the hub's generation, reachability, round trip and clock skew, the published address, the
+    config file. Exit 0 when all is well, else the exit code of the first problem."""
 
     def body() -> int:
+        forced = _hub_api(hub_api)
         from llmroom_cli import endpoints
         from llmroom_cli.doctor import build_report
+        from llmroom_cli.errors import HubUnavailable
 
-        hub_url = _hub(hub)
-        ep = endpoints.normalize_endpoint(endpoint) if endpoint else None
+        user_config = _user_config()
+        named = _named_hub(hub)
+        hub_url = _hub(named)
+        chosen = endpoint if endpoint is not None else user_config.get("endpoint")
+        ep = endpoints.normalize_endpoint(chosen) if chosen else None
         urls = [hub_url, "http://127.0.0.1", *(u for u in (ep, advertise) if u)]
-        report = build_report(_http(*urls), hub_url, ep, advertise=advertise)
+        http = _http(*urls)
+        if named is None:
+            try:
+                # The same LAN fallback as every other command; when none is found, the report says
+                # the default hub does not answer.
+                hub_url = _fallback_named(http, hub_url, forced)[0]
+            except HubUnavailable:
+                pass
+        report = build_report(http, hub_url, ep, advertise=advertise, hub_api=forced, user_config=user_config)
         if json_out:
             _print_json(report.data)
         else:
@@ -1421,7 +1489,8 @@ def doctor(
             rows = [
                 [c.name, "ok" if c.ok else f"PROBLEM (exit {c.exit_code})", c.detail] for c in report.checks
             ]
-            print_table(("CHECK", "STATUS", "DETAIL"), rows, [not c.ok for c in report.checks])
+            styles = [None if c.ok else "bold red" for c in report.checks]
+            print_table(("CHECK", "STATUS", "DETAIL"), rows, styles=styles)
         return report.exit_code()
 
     raise typer.Exit(_run(body, debug))

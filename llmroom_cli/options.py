@@ -204,8 +204,10 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     if path.suffix.lower() == ".toml":
         try:
             import tomllib  # type: ignore[import-not-found,unused-ignore]
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef,import-not-found,unused-ignore]
+        except ModuleNotFoundError:  # Python 3.10: no tomllib, and tomli is not a dependency
+            raise UsageError(
+                f"--config-file {str(path)!r}: reading TOML needs Python 3.11 or later", "use a JSON file"
+            ) from None
         try:
             data = tomllib.loads(text)
         except RecursionError:
@@ -305,3 +307,59 @@ def curl_example(hub_url: str, code: str) -> str:
     return (
         f"curl {room_api_url(hub_url, code)}/chat/completions -H 'Content-Type: application/json' -d '{body}'"
     )
+
+
+# -- the user's config file -------------------------------------------------------------------------
+
+USER_CONFIG_KEYS = ("hub", "endpoint", "nickname", "model")
+
+
+def user_config_path() -> Path:
+    """`$XDG_CONFIG_HOME/llmroom/config.toml` (`~/.config/llmroom/config.toml` without XDG_CONFIG_HOME)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "llmroom" / "config.toml"
+
+
+def load_user_config(path: Path | None = None, warn: Callable[[str], None] | None = None) -> dict[str, str]:
+    """The defaults the user wrote in the config file (`hub`, `endpoint`, `nickname`, `model`), for the
+    options neither a flag nor an LLMROOM_* variable set (those take precedence: the caller decides).
+
+    No file: {}. A file that is not TOML, or a value that is not text: UsageError (exit 2), naming the
+    file. Unknown keys are ignored, with a warning naming the closest known one. On Python 3.10 (no
+    tomllib, and no tomli to lean on) the file is skipped with a warning rather than half-parsed."""
+    import difflib
+
+    path = path or user_config_path()
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise UsageError(f"cannot read the config file {str(path)!r}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_FILE_BYTES:
+        raise UsageError(f"the config file {str(path)!r} is larger than {MAX_CONFIG_FILE_BYTES >> 20} MiB")
+    try:
+        import tomllib  # type: ignore[import-not-found,unused-ignore]
+    except ModuleNotFoundError:  # Python 3.10
+        if warn is not None:
+            warn(f"{path} skipped: reading TOML needs Python 3.11 or later")
+        return {}
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"the config file {str(path)!r} is not UTF-8 text") from None
+    except (ValueError, RecursionError) as exc:
+        raise UsageError(f"the config file {str(path)!r} is not valid TOML: {exc}") from None
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        if key not in USER_CONFIG_KEYS:
+            if warn is not None:
+                close = difflib.get_close_matches(key, USER_CONFIG_KEYS, n=1, cutoff=0.6)
+                guess = f" (did you mean {close[0]}?)" if close else ""
+                warn(f"{path}: unknown key {key!r}{guess}; ignored")
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise UsageError(f"the config file {str(path)!r}: {key} must be a non-empty string")
+        out[key] = value.strip()
+    return out

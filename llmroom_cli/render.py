@@ -201,7 +201,14 @@ def participant_rows(
     return rows
 
 
-def build_table(columns: Sequence[str], rows: Sequence[Sequence[str]], dim: Sequence[bool] = ()) -> Table:
+def build_table(
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    dim: Sequence[bool] = (),
+    styles: Sequence[str | None] = (),
+) -> Table:
+    """A rich table of text cells; row i dimmed where `dim[i]`, or drawn in `styles[i]` (a problem in
+    bold red: it must be the loudest thing on screen, not the faintest)."""
     from rich.table import Table
     from rich.text import Text
 
@@ -211,7 +218,8 @@ def build_table(columns: Sequence[str], rows: Sequence[Sequence[str]], dim: Sequ
     for i, row in enumerate(rows):
         # Text cells: rich markup in a nickname (`[/]x`, `[red]`) is shown, never interpreted.
         cells = [Text(visible(cell)) for cell in row]
-        table.add_row(*cells, style="dim" if i < len(dim) and dim[i] else None)
+        style = styles[i] if i < len(styles) and styles[i] else None
+        table.add_row(*cells, style=style or ("dim" if i < len(dim) and dim[i] else None))
     return table
 
 
@@ -221,8 +229,10 @@ def print_table(
     dim: Sequence[bool] = (),
     empty: str = "",
     file: IO[str] | None = None,
+    styles: Sequence[str | None] = (),
 ) -> None:
-    """A rich table on a terminal; tab-separated lines without a header when piped (for scripts)."""
+    """A rich table on a terminal; tab-separated lines without a header when piped (for scripts).
+    rich leaves out colour under NO_COLOR and TERM=dumb."""
     out = file or sys.stdout
     if not out.isatty():
         for row in rows:
@@ -237,7 +247,7 @@ def print_table(
         if empty:
             console.print(visible(empty), style="dim", markup=False)
         return
-    console.print(build_table(columns, rows, dim))
+    console.print(build_table(columns, rows, dim, styles))
 
 
 # rich measures every cell of every row: 10,000 participants take about 14 s to draw. Past this many
