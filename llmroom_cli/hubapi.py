@@ -132,7 +132,8 @@ def open_hub(http: httpx.Client, hub_url: str, forced: str | None = None) -> Hub
 
 def answers(http: httpx.Client, hub_url: str, forced: str | None = None, timeout_s: float = 1.0) -> bool:
     """True when a hub (of either generation, or of the `forced` one) answers at `hub_url` within
-    `timeout_s`. Something that answers but is no hub raises HubProtocolError: that is worth saying."""
+    `timeout_s`. Something that answers but is no hub is False too: the default :3000 is a common
+    port for other development servers, and the LAN fallback is then what the user wants."""
     from llmroom_cli.protocols.generation import detect_generation
 
     try:

@@ -83,7 +83,9 @@ def test_create_with_password_stdin(hub: RunningHub) -> None:
     room = {r["code"]: r for r in json.loads(cli("list", "--hub", hub.url, "--json").stdout)["rooms"]}[code]
     assert "s3cret" not in json.dumps(room) and "s3cret" not in r.stderr + r.stdout
     assert room["passwordProtected"] is True
-    piped = {line.split("\t")[0]: line.split("\t") for line in cli("list", "--hub", hub.url).stdout.splitlines()}
+    piped = {
+        line.split("\t")[0]: line.split("\t") for line in cli("list", "--hub", hub.url).stdout.splitlines()
+    }
     assert piped[code][4] == "yes"  # protected rooms are marked
 
 

@@ -223,3 +223,43 @@ def test_legacy_v01_routes_are_never_called_on_a_v06_hub() -> None:
             (r.method, r.path) for r in fake.requests if not r.path.startswith("/v1/") and r.path != "/health"
         ]
         assert legacy == []
+
+
+def test_list_watch_follows_v1_events_and_reconnects_after_the_hub_cuts_the_stream() -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import wait_for
+
+    # The reference hub cuts a quiet event stream (Bun's idle timeout): here after 1 s.
+    with FakeGambiV06(client_idle_timeout_s=1.0) as fake:
+        hub = V06Hub(fake.url, "fake")
+        code = _create(hub, "watched")
+        p = subprocess.Popen(
+            [sys.executable, "-m", "llmroom_cli", "list", code, "--hub", fake.url, "--watch"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            assert p.stdout is not None
+            assert p.stdout.readline() == "\n"  # the empty room, then a blank separator
+
+            def streams() -> int:
+                return sum(1 for r in fake.requests if r.path == f"/v1/rooms/{code}/events")
+
+            wait_for(lambda: streams() >= 2, "the watcher to open the v0.6 event stream again")
+            hub.put(code, "w1", "carol", model="m")
+            line = p.stdout.readline()
+            while line == "\n":
+                line = p.stdout.readline()
+            assert line.startswith("w1\tcarol\tm\toffline, tunnel down")
+            # Only v0.6 routes (and the one health probe) were asked.
+            assert all(r.path.startswith("/v1/") or r.path == "/health" for r in fake.requests)
+        finally:
+            p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err
+        assert "Traceback" not in err
