@@ -201,25 +201,91 @@ def participant_rows(
     return rows
 
 
+# When a terminal is too narrow for a table, columns are dropped in this order (lowest first; ties:
+# the rightmost first); unlisted columns are never dropped. What is kept is cut with an ellipsis, never
+# split inside a word, except the free-text columns of WRAPPED, which wrap at spaces.
+DROP_ORDER: dict[str, int] = {
+    "RAM": 1,
+    "GPU": 2,
+    "PASSWORD": 2,
+    "ADDRESSES": 2,
+    "VERSION": 3,
+    "VRAM": 3,
+    "ROUND TRIP": 3,
+    "AGE": 4,
+    "LAST SEEN": 4,
+    "ENDPOINT": 5,
+    "PARTICIPANTS": 6,
+    "SOURCE": 6,
+    "HUB API": 6,
+    "MODEL": 7,
+    "STATUS": 8,
+}
+WRAPPED = frozenset({"DETAIL", "VALUE", "LAST ERROR"})
+GAP = 2  # rich's padding between columns (box=None, pad_edge=False)
+
+
+def fit_columns(columns: Sequence[str], rows: Sequence[Sequence[str]], width: int) -> list[int]:
+    """The indexes of the columns to show in `width` characters: all when they fit at their natural
+    width, else without the lowest of DROP_ORDER, one at a time, until they fit or none is left to drop."""
+    natural = [len(c) for c in columns]
+    for row in rows:
+        for i, cell in enumerate(row[: len(columns)]):
+            natural[i] = max(natural[i], len(visible(cell)))
+    kept = list(range(len(columns)))
+
+    def need(idx: list[int]) -> int:
+        # A wrapped column needs only its longest word; the others their whole text.
+        return sum(min(natural[i], 24) if columns[i] in WRAPPED else natural[i] for i in idx) + GAP * (
+            len(idx) - 1
+        )
+
+    droppable = sorted(
+        (i for i, c in enumerate(columns) if c in DROP_ORDER), key=lambda i: (DROP_ORDER[columns[i]], -i)
+    )
+    for i in droppable:
+        if need(kept) <= width:
+            break
+        kept.remove(i)
+    return kept
+
+
 def build_table(
     columns: Sequence[str],
     rows: Sequence[Sequence[str]],
     dim: Sequence[bool] = (),
     styles: Sequence[str | None] = (),
+    width: int | None = None,
 ) -> Table:
     """A rich table of text cells; row i dimmed where `dim[i]`, or drawn in `styles[i]` (a problem in
-    bold red: it must be the loudest thing on screen, not the faintest)."""
+    bold red: it must be the loudest thing on screen, not the faintest). With `width`, columns that do
+    not fit are dropped by priority (fit_columns) and a caption says how many."""
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in columns:
-        table.add_column(col, overflow="fold")
-    for i, row in enumerate(rows):
+    kept = fit_columns(columns, rows, width) if width is not None else list(range(len(columns)))
+    hidden = len(columns) - len(kept)
+    caption = f"{hidden} column{'s' if hidden > 1 else ''} hidden (--json)" if hidden else None
+    table = Table(
+        box=None,
+        header_style="bold",
+        pad_edge=False,
+        caption=caption,
+        caption_style="dim",
+        caption_justify="left",
+    )
+    for i in kept:
+        col = columns[i]
+        if col in WRAPPED:
+            table.add_column(col, overflow="fold", min_width=len(col), ratio=1)
+        else:
+            # A header is never cut; a cell is cut with an ellipsis rather than split across lines.
+            table.add_column(col, no_wrap=True, overflow="ellipsis", min_width=len(col))
+    for r, row in enumerate(rows):
         # Text cells: rich markup in a nickname (`[/]x`, `[red]`) is shown, never interpreted.
-        cells = [Text(visible(cell)) for cell in row]
-        style = styles[i] if i < len(styles) and styles[i] else None
-        table.add_row(*cells, style=style or ("dim" if i < len(dim) and dim[i] else None))
+        cells = [Text(visible(row[i]) if i < len(row) else "") for i in kept]
+        style = styles[r] if r < len(styles) and styles[r] else None
+        table.add_row(*cells, style=style or ("dim" if r < len(dim) and dim[r] else None))
     return table
 
 
@@ -247,7 +313,7 @@ def print_table(
         if empty:
             console.print(visible(empty), style="dim", markup=False)
         return
-    console.print(build_table(columns, rows, dim, styles))
+    console.print(build_table(columns, rows, dim, styles, width=console.width))
 
 
 # rich measures every cell of every row: 10,000 participants take about 14 s to draw. Past this many
