@@ -64,7 +64,7 @@ app = typer.Typer(
     name="llmroom",
     help="Share your local LLM server in an LLM room, list rooms, or run a hub.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     # typer renders help through rich whenever it is installed; only worth it on a terminal.
     rich_markup_mode="rich" if sys.stdout.isatty() else None,
@@ -80,9 +80,10 @@ HubOpt = Annotated[
     typer.Option(
         "--hub",
         envvar="LLMROOM_HUB",
-        help="Hub URL (host:port works too), or 'auto' to find one on the local network"
-        f" [default: {DEFAULT_HUB}].",
-        show_default=False,
+        # The default goes through typer (show_default): a `[default: ...]` written into the help is
+        # taken for rich markup on a terminal and vanishes, leaving "network ." behind.
+        help="Hub URL (host:port works too), or 'auto' to find one on the local network.",
+        show_default=f"{DEFAULT_HUB}, else one found on the local network",
     ),
 ]
 HubApiOpt = Annotated[
@@ -257,8 +258,23 @@ def _hub(hub: str | None) -> str:
     return normalize_hub_url(hub)
 
 
+def _pick_by_name(raw: str, labels: list[str]) -> int | None:
+    """The label `raw` names: the whole label or its name (what precedes " at " / " ("), in any case;
+    else the one label that name starts with. None when it names none, or several."""
+    typed = raw.strip().casefold()
+    if not typed:
+        return None
+    names = [label.split(" (", 1)[0].split(" at ", 1)[0].casefold() for label in labels]
+    for i, (label, name) in enumerate(zip(labels, names, strict=True)):
+        if typed in (label.casefold(), name):
+            return i
+    starts = [i for i, name in enumerate(names) if name.startswith(typed)]
+    return starts[0] if len(starts) == 1 else None
+
+
 def _pick(title: str, labels: list[str], question: str, none_chosen: LlmroomError) -> int:
-    """A numbered pick on a terminal; returns the index chosen. EOF raises `none_chosen`."""
+    """A numbered pick on a terminal; the number or the name may be typed. Returns the index chosen;
+    EOF raises `none_chosen`."""
     _err(title)
     for i, label in enumerate(labels, 1):
         _err(f"  {i}. {label}")
@@ -269,7 +285,10 @@ def _pick(title: str, labels: list[str], question: str, none_chosen: LlmroomErro
             raise none_chosen from None
         if raw.strip().isdigit() and 1 <= int(raw) <= len(labels):
             return int(raw) - 1
-        _err(f"please type a number from 1 to {len(labels)}")
+        named = _pick_by_name(raw, labels)
+        if named is not None:
+            return named
+        _err(f"please type a number from 1 to {len(labels)}, or a name from the list")
 
 
 def _ask_hub(hubs: list[Any]) -> Any:
@@ -468,7 +487,12 @@ def _root(
 # -- serve ------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n"
+    "  llmroom serve                       (this machine only)\n\n"
+    "  llmroom serve --host 0.0.0.0 --mdns (the whole network, announced)\n\n"
+    "  llmroom serve --port 0 --quiet      (a free port, no request log)"
+)
 def serve(
     host: Annotated[
         str, typer.Option(help="Address to listen on (0.0.0.0 for the whole network).")
@@ -497,6 +521,16 @@ def serve(
     debug: DebugOpt = False,
 ) -> None:
     """Run the embedded hub (v0.1 and v0.6 hub APIs) until Ctrl-C."""
+
+    def ready(hub: Any) -> Callable[[], None] | None:
+        from llmroom_cli.discovery import hub_url as url_for
+
+        urls = [url_for(a, hub.port) for a in _usable_addresses(host)]
+        if urls and urls != [hub.url]:
+            _err(f"reachable at {', '.join(urls)}")
+        first = urls[0] if urls else hub.url
+        _err(f"next: llmroom create NAME --hub {first}, then llmroom join CODE --hub {first}")
+        return announce(hub) if mdns else None
 
     def announce(hub: Any) -> Callable[[], None] | None:
         from llmroom_cli.discovery import Announcement
@@ -527,12 +561,20 @@ def serve(
         from llmroom_cli.hub import serve as run_server
 
         limits = Limits(allow_relay_to=tuple(networks))
-        code: int = run_server(
-            host, port, participant_timeout, quiet, on_ready=announce if mdns else None, limits=limits
-        )
+        code: int = run_server(host, port, participant_timeout, quiet, on_ready=ready, limits=limits)
         return code
 
     raise typer.Exit(_run(body, debug))
+
+
+def _usable_addresses(host: str) -> list[str]:
+    """The addresses people can type for a hub bound to `host`: for a wildcard, this machine's LAN
+    addresses (and loopback for this machine); otherwise the host itself."""
+    if host in ("0.0.0.0", "::", ""):
+        from llmroom_cli.discovery import local_ipv4_addresses
+
+        return [*local_ipv4_addresses(), "127.0.0.1"]
+    return [host]
 
 
 # -- create / list / leave ----------------------------------------------------------------------------
@@ -788,8 +830,8 @@ def leave(
         str | None,
         typer.Argument(
             metavar="[ID|NICKNAME]",
-            help="Participant id, a unique id prefix, or a nickname [default: this machine's own].",
-            show_default=False,
+            help="Participant id, a unique id prefix, or a nickname.",
+            show_default="this machine's own participant",
         ),
     ] = None,
     hub: HubOpt = None,
@@ -800,8 +842,8 @@ def leave(
             "--endpoint",
             "-e",
             envvar="LLMROOM_ENDPOINT",
-            help="Without an ID: the LLM server this machine shared [default: the usual local ports].",
-            show_default=False,
+            help="Without an ID: the LLM server this machine shared.",
+            show_default="the usual local ports",
         ),
     ] = None,
     debug: DebugOpt = False,
@@ -1446,8 +1488,8 @@ def doctor(
             "--endpoint",
             "-e",
             envvar="LLMROOM_ENDPOINT",
-            help="Your LLM server [default: search the usual ports].",
-            show_default=False,
+            help="Your LLM server.",
+            show_default="search the usual local ports",
         ),
     ] = None,
     advertise: Annotated[
@@ -1529,11 +1571,14 @@ def main() -> None:
     except ImportError:  # pragma: no cover - older typer on plain click
         from click import exceptions as click_exc  # type: ignore[no-redef,import-not-found,unused-ignore]
 
+    _click_style_completion()
     try:
         code = app(prog_name="llmroom", standalone_mode=False)
     except click_exc.UsageError as exc:
         if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:
-            sys.stdout.write(exc.ctx.get_help() + "\n")
+            # Under rich (a terminal) typer has already drawn the help while raising: once is enough.
+            if app.rich_markup_mode is None:
+                sys.stdout.write(exc.ctx.get_help() + "\n")
             sys.exit(0)
         cmd = exc.ctx.command_path if exc.ctx is not None else "llmroom"
         hint = f"see: {cmd} --help"
@@ -1557,6 +1602,16 @@ def main() -> None:
         code = 0
     _flush_stdout()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _click_style_completion() -> None:
+    """Shell completion: `_LLMROOM_COMPLETE=bash_source llmroom` (click's spelling, which its docs and
+    most guides use) means typer's `source_bash`; both print the script for bash, zsh or fish."""
+    var = "_LLMROOM_COMPLETE"
+    value = os.environ.get(var, "")
+    shell, _, instruction = value.partition("_")
+    if shell in ("bash", "zsh", "fish") and instruction in ("source", "complete"):
+        os.environ[var] = f"{instruction}_{shell}"
 
 
 def _flush_stdout() -> None:
