@@ -864,7 +864,7 @@ def leave(
 
         parts = found.participants(room)
         if participant_id is None:
-            own = _own_ids(found.base_url, room, endpoint)
+            own = _own_ids(found.base_url, room, endpoint or _user_config().get("endpoint"))
             matches = [p for p in parts if p.get("id") in own]
             if not matches:
                 _err(f"nothing to remove: room {room} lists no participant of this machine (give an ID)")

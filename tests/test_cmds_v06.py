@@ -158,6 +158,12 @@ def test_room_defaults_from_config_go_to_a_v06_hub(v06: V06Hub, tmp_path: Any) -
     assert defaults["temperature"] == 0.3 and defaults["max_tokens"] == 64
 
 
+def test_room_defaults_on_a_v01_hub_are_refused_not_dropped(hub: RunningHub) -> None:
+    r = cli("create", "R", "--hub", hub.url, "--hub-api", "v0.1", "-c", "temperature=0.3")
+    assert r.returncode == 2 and "no room defaults" in r.stderr
+    assert hub.state.rooms_v01() == []  # no room was created without them
+
+
 def test_a_room_default_the_hub_refuses_shows_its_hint(v06: V06Hub) -> None:
     r = cli("create", "Bad", "--hub", v06.url, "-c", "instructions=5")
     assert r.returncode == 1, r.stderr
