@@ -63,6 +63,13 @@ EXIT_CODES_HELP = (
 app = typer.Typer(
     name="llmroom",
     help="Share your local LLM server in an LLM room, list rooms, or run a hub.\n\n" + EXIT_CODES_HELP,
+    epilog="Examples:\n\n"
+    "  llmroom serve                        (a hub on this machine)\n\n"
+    "  CODE=$(llmroom create 'Hack night')  (a room)\n\n"
+    "  llmroom join $CODE                   (share your local LLM in it)\n\n"
+    "  llmroom list $CODE                   (who is in it, and its URL)\n\n"
+    "Shell completion: llmroom --install-completion, or eval \"$(_LLMROOM_COMPLETE=bash_source llmroom)\""
+    " (zsh_source, fish_source).",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
