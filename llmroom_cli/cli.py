@@ -644,7 +644,7 @@ def create(
 
             hub_url = found.base_url
             print_text(f"created room {visible(code)} ({name}) on {hub_url}")
-            print_text(f"share a server: llmroom join {code} --hub {hub_url}", style="dim")
+            print_text(f"join it with: llmroom join {code} --hub {hub_url}", style="dim")
             print_text(f"use the room (OpenAI-compatible): {room_api_url(hub_url, code)}", style="dim")
             print_text(f"  {curl_example(hub_url, code)}", style="dim")
         else:
