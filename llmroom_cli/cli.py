@@ -68,7 +68,7 @@ app = typer.Typer(
     "  CODE=$(llmroom create 'Hack night')  (a room)\n\n"
     "  llmroom join $CODE                   (share your local LLM in it)\n\n"
     "  llmroom list $CODE                   (who is in it, and its URL)\n\n"
-    "Shell completion: llmroom --install-completion, or eval \"$(_LLMROOM_COMPLETE=bash_source llmroom)\""
+    'Shell completion: llmroom --install-completion, or eval "$(_LLMROOM_COMPLETE=bash_source llmroom)"'
     " (zsh_source, fish_source).",
     no_args_is_help=True,
     add_completion=True,
