@@ -155,14 +155,23 @@ def _gb(value: Any, plain: bool = False) -> str:
 
 def short_ids(ids: Sequence[str], min_chars: int = SHORT_ID_CHARS) -> list[str]:
     """Each id cut to the shortest prefix (at least `min_chars`) that no other id of the list shares,
-    as git shortens hashes: what is shown can always be typed back to `leave`."""
-    out = []
-    for i, full in enumerate(ids):
-        n = min_chars
-        while n < len(full) and any(j != i and other[:n] == full[:n] for j, other in enumerate(ids)):
+    as git shortens hashes: what is shown can always be typed back to `leave`. O(n log n): only an id's
+    neighbours in sorted order can share its longest prefix (a room may list 10,000 participants)."""
+
+    def common(a: str, b: str) -> int:
+        n = 0
+        for x, y in zip(a, b, strict=False):
+            if x != y:
+                break
             n += 1
-        out.append(full if n >= len(full) else full[:n] + "…")
-    return out
+        return n
+
+    order = sorted(range(len(ids)), key=lambda k: ids[k])
+    need = dict.fromkeys(range(len(ids)), min_chars)
+    for a, b in zip(order, order[1:], strict=False):
+        shared = common(ids[a], ids[b]) + 1
+        need[a], need[b] = max(need[a], shared), max(need[b], shared)
+    return [full if need[i] >= len(full) else full[: need[i]] + "…" for i, full in enumerate(ids)]
 
 
 def _status(p: dict[str, Any]) -> str:

@@ -154,3 +154,16 @@ def test_unknown_generation_keys_warn_with_the_closest_known_one() -> None:
         "unknown config key 'temprature' (did you mean temperature?); sent anyway",
         "unknown config key 'zzz'; sent anyway",
     ]
+
+
+def test_short_ids_stay_unique_and_typeable() -> None:
+    import uuid
+
+    from llmroom_cli.render import short_ids
+
+    assert short_ids(["aaaa1111-x", "aaaa1112-y", "b"]) == ["aaaa1111…", "aaaa1112…", "b"]
+    assert short_ids(["4f1c9a2e-aaaa", "4f1c9a2e-bbbb"]) == ["4f1c9a2e-a…", "4f1c9a2e-b…"]
+    ids = [str(uuid.uuid4()) for _ in range(10_000)]  # a big room: sorted neighbours, not n squared
+    shown = [s.removesuffix("…") for s in short_ids(ids)]
+    assert all(full.startswith(s) for full, s in zip(ids, shown, strict=True))
+    assert all(sum(1 for full in ids if full.startswith(s)) == 1 for s in shown[:50])
