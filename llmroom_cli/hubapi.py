@@ -45,10 +45,17 @@ class Hub:
         self.detected = detected or generation
         self.v01: HubClient = HubClient(http, self.base_url)
         self.v06: V06Client | None = None
+        self._v06_lists: V06Client | None = None
         if generation == "v0.6":
+            from llmroom_cli.client import LIST_CAP_BYTES, LIST_DEADLINE_S
             from llmroom_cli.protocols.v06 import V06Client
 
             self.v06 = V06Client(http, self.base_url)
+            # Listings grow with the room (10,000 participants are ~10 MB): the same bound and deadline
+            # as on v0.1, not the small ones of a single management call.
+            self._v06_lists = V06Client(
+                http, self.base_url, timeout_s=LIST_DEADLINE_S, max_bytes=LIST_CAP_BYTES
+            )
 
     @property
     def label(self) -> str:
@@ -79,14 +86,14 @@ class Hub:
 
     def rooms_body(self) -> dict[str, Any]:
         """`{"rooms": [room summary, ...]}` on both generations."""
-        if self.v06 is not None:
-            return {"rooms": self.v06.list_rooms()}
+        if self._v06_lists is not None:
+            return {"rooms": self._v06_lists.list_rooms()}
         return self.v01.rooms_body()
 
     def participants_body(self, code: str) -> dict[str, Any]:
         """`{"participants": [participant, ...]}` on both generations."""
-        if self.v06 is not None:
-            return {"participants": self.v06.participants(code)}
+        if self._v06_lists is not None:
+            return {"participants": self._v06_lists.participants(code)}
         return self.v01.participants_body(code)
 
     def participants(self, code: str) -> list[dict[str, Any]]:

@@ -183,3 +183,15 @@ def test_against_our_hub_and_the_fake_reference(hub: RunningHub) -> None:
             # Forced to v0.1, the reference hub is not a hub: its /health is 404.
             with pytest.raises(HubProtocolError):
                 Hub(http, fake.url, "v0.1").rooms_body()
+
+
+def test_a_big_v06_room_lists_past_a_single_calls_bound() -> None:
+    # 6,000 participants of ~1 KiB: more than the 4 MiB a single management call may read.
+    parts = [{"id": f"p{i}", "nickname": "n" * 1000} for i in range(6000)]
+    raw = json.dumps({"data": parts, "meta": {}}).encode()
+    assert len(raw) > 4 * 1024 * 1024
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=raw, headers={"content-type": "application/json"})
+
+    assert len(Hub(_http(handler), BASE, "v0.6").participants("ABC123")) == 6000
