@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
     from llmroom_cli.client import HubClient
     from llmroom_cli.endpoints import ModelInfo
+    from llmroom_cli.hubapi import Hub
 
 T = TypeVar("T")
 
@@ -62,8 +63,15 @@ EXIT_CODES_HELP = (
 app = typer.Typer(
     name="llmroom",
     help="Share your local LLM server in an LLM room, list rooms, or run a hub.\n\n" + EXIT_CODES_HELP,
+    epilog="Examples:\n\n"
+    "  llmroom serve                        (a hub on this machine)\n\n"
+    "  CODE=$(llmroom create 'Hack night')  (a room)\n\n"
+    "  llmroom join $CODE                   (share your local LLM in it)\n\n"
+    "  llmroom list $CODE                   (who is in it, and its URL)\n\n"
+    'Shell completion: llmroom --install-completion, or eval "$(_LLMROOM_COMPLETE=bash_source llmroom)"'
+    " (zsh_source, fish_source).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     # typer renders help through rich whenever it is installed; only worth it on a terminal.
     rich_markup_mode="rich" if sys.stdout.isatty() else None,
@@ -79,8 +87,18 @@ HubOpt = Annotated[
     typer.Option(
         "--hub",
         envvar="LLMROOM_HUB",
-        help="Hub URL (host:port works too), or 'auto' to find one on the local network"
-        f" [default: {DEFAULT_HUB}].",
+        # The default goes through typer (show_default): a `[default: ...]` written into the help is
+        # taken for rich markup on a terminal and vanishes, leaving "network ." behind.
+        help="Hub URL (host:port works too), or 'auto' to find one on the local network.",
+        show_default=f"{DEFAULT_HUB}, else one found on the local network",
+    ),
+]
+HubApiOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--hub-api",
+        metavar="v0.1|v0.6",
+        help="Speak this hub API generation instead of detecting it.",
         show_default=False,
     ),
 ]
@@ -99,6 +117,19 @@ CodeArg = Annotated[
 ]
 
 
+def _colour_ok(stream: Any) -> bool:
+    """ANSI colour on this stream: a terminal that can show it, and the user did not ask for none."""
+    try:
+        tty = bool(stream.isatty())
+    except (OSError, ValueError):
+        return False
+    return tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+# `error:` in bold red and `warning:` in bold yellow, on a terminal only.
+_PREFIX_COLOURS = {"error:": "\x1b[1;31m", "warning:": "\x1b[1;33m"}
+
+
 def _err(text: str) -> None:
     """One line on stderr. A closed, full or hung-up stderr is not an error of ours: the line is
     dropped (and later ones with it), the command's outcome and exit code stay what they were."""
@@ -106,7 +137,11 @@ def _err(text: str) -> None:
 
     try:
         # Messages carry foreign text (a hub's error, an mDNS name): shown literally, one line.
-        sys.stderr.write(visible(text) + "\n")
+        line = visible(text)
+        prefix = line.split(" ", 1)[0]
+        if prefix in _PREFIX_COLOURS and _colour_ok(sys.stderr):
+            line = f"{_PREFIX_COLOURS[prefix]}{prefix}\x1b[0m{line[len(prefix) :]}"
+        sys.stderr.write(line + "\n")
         sys.stderr.flush()
     except (OSError, ValueError):
         silence_fd(2)
@@ -230,8 +265,23 @@ def _hub(hub: str | None) -> str:
     return normalize_hub_url(hub)
 
 
+def _pick_by_name(raw: str, labels: list[str]) -> int | None:
+    """The label `raw` names: the whole label or its name (what precedes " at " / " ("), in any case;
+    else the one label that name starts with. None when it names none, or several."""
+    typed = raw.strip().casefold()
+    if not typed:
+        return None
+    names = [label.split(" (", 1)[0].split(" at ", 1)[0].casefold() for label in labels]
+    for i, (label, name) in enumerate(zip(labels, names, strict=True)):
+        if typed in (label.casefold(), name):
+            return i
+    starts = [i for i, name in enumerate(names) if name.startswith(typed)]
+    return starts[0] if len(starts) == 1 else None
+
+
 def _pick(title: str, labels: list[str], question: str, none_chosen: LlmroomError) -> int:
-    """A numbered pick on a terminal; returns the index chosen. EOF raises `none_chosen`."""
+    """A numbered pick on a terminal; the number or the name may be typed. Returns the index chosen;
+    EOF raises `none_chosen`."""
     _err(title)
     for i, label in enumerate(labels, 1):
         _err(f"  {i}. {label}")
@@ -242,7 +292,10 @@ def _pick(title: str, labels: list[str], question: str, none_chosen: LlmroomErro
             raise none_chosen from None
         if raw.strip().isdigit() and 1 <= int(raw) <= len(labels):
             return int(raw) - 1
-        _err(f"please type a number from 1 to {len(labels)}")
+        named = _pick_by_name(raw, labels)
+        if named is not None:
+            return named
+        _err(f"please type a number from 1 to {len(labels)}, or a name from the list")
 
 
 def _ask_hub(hubs: list[Any]) -> Any:
@@ -262,7 +315,10 @@ def _discover_hub_named(timeout_s: float = 1.5) -> tuple[str, str]:
     hubs = discover(timeout_s)
     interactive = sys.stdin.isatty() and sys.stderr.isatty()
     chosen = pick_hub(hubs, _ask_hub if interactive else None)
-    _err(f"using hub {chosen.name} at {chosen.url} (found on the local network)")
+    _err(
+        f"using hub {chosen.name} at {chosen.url} (found on the local network;"
+        f" to skip the search: export LLMROOM_HUB={chosen.url})"
+    )
     url: str = chosen.url
     return url, f"{chosen.name} at {url}"
 
@@ -284,17 +340,16 @@ def _fallback_if_down(http: "httpx.Client", hub_url: str) -> str:
     return _fallback_named(http, hub_url)[0]
 
 
-def _fallback_named(http: "httpx.Client", hub_url: str) -> tuple[str, str | None]:
-    """The default hub if it answers, else one found on the local network; the second item names
-    that hub (None for the default one): a hub nobody named must not be sent a password unasked."""
-    from llmroom_cli.client import HubClient
+def _fallback_named(http: "httpx.Client", hub_url: str, forced: str | None = None) -> tuple[str, str | None]:
+    """The default hub if it answers (either generation, or the `forced` one), else one found on the
+    local network; the second item names that hub (None for the default one): a hub nobody named must
+    not be sent a password unasked."""
     from llmroom_cli.errors import HubUnavailable
+    from llmroom_cli.hubapi import answers
 
-    try:
-        HubClient(http, hub_url).health(timeout_s=1.0)
+    if answers(http, hub_url, forced, timeout_s=1.0):
         return hub_url, None
-    except HubUnavailable:
-        _err(f"no hub answers at {hub_url}; looking for one on the local network ...")
+    _err(f"no hub answers at {hub_url}; looking for one on the local network ...")
     try:
         url, name = _discover_hub_named()
         return url, name
@@ -325,6 +380,49 @@ def _password_for_lan_hub(lan_hub: str, secret: str | None, interactive: bool) -
     return None
 
 
+def _hub_api(value: str | None) -> str | None:
+    """`--hub-api`, checked before any request: "v0.1", "v0.6" or None (detect)."""
+    from llmroom_cli.hubapi import HUB_APIS
+
+    if value is None:
+        return None
+    if value.strip().lower() not in HUB_APIS:
+        raise UsageError(f"--hub-api {value!r}: expected v0.1 or v0.6")
+    return value.strip().lower()
+
+
+_user_config_cache: list[dict[str, str]] = []
+
+
+def _user_config() -> dict[str, str]:
+    """The user's config file (`options.load_user_config`), read once per run; warnings on stderr."""
+    if not _user_config_cache:
+        from llmroom_cli.options import load_user_config
+
+        _user_config_cache.append(load_user_config(warn=lambda m: _err(f"warning: {m}")))
+    return _user_config_cache[0]
+
+
+def _named_hub(hub: str | None) -> str | None:
+    """--hub / LLMROOM_HUB, else the config file's `hub`; None when nothing names one."""
+    return hub if hub is not None else _user_config().get("hub")
+
+
+def _open_hub(hub: str | None, forced: str | None) -> "Hub":
+    """The hub a command talks to (the same LAN fallback for every command when nothing names one),
+    its generation detected once (or `forced`)."""
+    from llmroom_cli.hubapi import open_hub
+
+    hub = _named_hub(hub)
+    http = _http_for_hub(hub)
+    hub_url = _hub(hub)
+    if hub is None:
+        hub_url = _fallback_named(http, hub_url, forced)[0]
+    found = open_hub(http, hub_url, forced)
+    _debug(f"hub {found.base_url} speaks {found.label}")
+    return found
+
+
 def _code(code: str) -> str:
     from llmroom_cli.options import parse_room_code
 
@@ -344,6 +442,18 @@ def _client(hub_url: str) -> "HubClient":
 
 
 def _read_password_stdin() -> str:
+    """--password-stdin: asked without echo on a terminal (the prompt on the terminal, not stdout);
+    otherwise the first line of stdin, read silently."""
+    if sys.stdin.isatty():
+        import getpass
+
+        try:
+            password = getpass.getpass("room password: ")
+        except EOFError:
+            password = ""
+        if not password:
+            raise UsageError("--password-stdin: no password typed")
+        return password
     line = sys.stdin.readline()
     password = line.rstrip("\r\n")
     if not password:
@@ -384,7 +494,12 @@ def _root(
 # -- serve ------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n"
+    "  llmroom serve                       (this machine only)\n\n"
+    "  llmroom serve --host 0.0.0.0 --mdns (the whole network, announced)\n\n"
+    "  llmroom serve --port 0 --quiet      (a free port, no request log)"
+)
 def serve(
     host: Annotated[
         str, typer.Option(help="Address to listen on (0.0.0.0 for the whole network).")
@@ -413,6 +528,16 @@ def serve(
     debug: DebugOpt = False,
 ) -> None:
     """Run the embedded hub (v0.1 and v0.6 hub APIs) until Ctrl-C."""
+
+    def ready(hub: Any) -> Callable[[], None] | None:
+        from llmroom_cli.discovery import hub_url as url_for
+
+        urls = [url_for(a, hub.port) for a in _usable_addresses(host)]
+        if urls and urls != [hub.url]:
+            _err(f"reachable at {', '.join(urls)}")
+        first = urls[0] if urls else hub.url
+        _err(f"next: llmroom create NAME --hub {first}, then llmroom join CODE --hub {first}")
+        return announce(hub) if mdns else None
 
     def announce(hub: Any) -> Callable[[], None] | None:
         from llmroom_cli.discovery import Announcement
@@ -443,102 +568,163 @@ def serve(
         from llmroom_cli.hub import serve as run_server
 
         limits = Limits(allow_relay_to=tuple(networks))
-        code: int = run_server(
-            host, port, participant_timeout, quiet, on_ready=announce if mdns else None, limits=limits
-        )
+        code: int = run_server(host, port, participant_timeout, quiet, on_ready=ready, limits=limits)
         return code
 
     raise typer.Exit(_run(body, debug))
 
 
+def _usable_addresses(host: str) -> list[str]:
+    """The addresses people can type for a hub bound to `host`: for a wildcard, this machine's LAN
+    addresses (and loopback for this machine); otherwise the host itself."""
+    if host in ("0.0.0.0", "::", ""):
+        from llmroom_cli.discovery import local_ipv4_addresses
+
+        return [*local_ipv4_addresses(), "127.0.0.1"]
+    return [host]
+
+
 # -- create / list / leave ----------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n"
+    "  llmroom create 'Hack night'\n\n"
+    "  CODE=$(llmroom create Lab --hub 10.0.0.5)\n\n"
+    "  llmroom create Locked --password-stdin\n\n"
+    "  llmroom create Tuned -c temperature=0.3 -c max_tokens=512   (v0.6 hubs: room defaults)"
+)
 def create(
     name: Annotated[str, typer.Argument(help="Room name.", show_default=False)],
     hub: HubOpt = None,
+    hub_api: HubApiOpt = None,
     password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Protect the room with a password read from stdin.")
+        bool,
+        typer.Option(
+            "--password-stdin",
+            help="Protect the room with a password: asked without echo on a terminal, else the first"
+            " line of stdin.",
+        ),
     ] = False,
+    config: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--config", "-c", help="Room default KEY=VALUE for every request, repeatable (v0.6 hubs)."
+        ),
+    ] = None,
+    config_file: Annotated[
+        Path | None, typer.Option("--config-file", help="Room defaults from a JSON or TOML file (v0.6).")
+    ] = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Create a room and print its code (only the code when piped: CODE=$(llmroom create NAME))."""
 
     def body() -> None:
+        forced = _hub_api(hub_api)
         if not name.strip():
             raise UsageError("the room name is empty")
         if len(name) > 256:
             raise UsageError(f"the room name is {len(name)} characters long: at most 256")
-        hub_url = _hub(hub)
+        from llmroom_cli.options import parse_config
+
+        defaults = parse_config(config or [], config_file, warn=lambda m: _err(f"warning: {m}"))
         password = _read_password_stdin() if password_stdin else None
         if password:
             _secrets.add(password)
-        data = _client(hub_url).create_room(name, password)
+        found = _open_hub(hub, forced)
+        data = found.create_room(name, password, defaults)
         if json_out:
             _print_json(data)
             return
         code = data["room"]["code"]
         if sys.stdout.isatty():
-            from llmroom_cli.render import print_text
+            from llmroom_cli.options import curl_example, room_api_url
+            from llmroom_cli.render import print_text, visible
 
-            print_text(f"created room {code} ({name}) on {hub_url}")
+            hub_url = found.base_url
+            print_text(f"created room {visible(code)} ({name}) on {hub_url}")
             print_text(f"join it with: llmroom join {code} --hub {hub_url}", style="dim")
+            print_text(f"use the room (OpenAI-compatible): {room_api_url(hub_url, code)}", style="dim")
+            print_text(f"  {curl_example(hub_url, code)}", style="dim")
         else:
             sys.stdout.write(code + "\n")
 
     _run(body, debug)
 
 
-@app.command("list")
+WideOpt = Annotated[bool, typer.Option("--wide", help="Show whole participant ids on a terminal too.")]
+
+
+@app.command(
+    "list",
+    epilog="Examples:\n\n"
+    "  llmroom list\n\n"
+    "  llmroom list ABC123 --watch\n\n"
+    "  llmroom list ABC123 | cut -f1,2   (id and nickname)\n\n"
+    "  llmroom list ABC123 --json",
+)
 def list_(
     code: Annotated[
         str | None, typer.Argument(help="Room code: list its participants.", show_default=False)
     ] = None,
     hub: HubOpt = None,
+    hub_api: HubApiOpt = None,
     json_out: JsonOpt = False,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Keep the view live until Ctrl-C.")] = False,
+    wide: WideOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """List rooms, or a room's participants (offline ones dimmed).
 
-    Piped output is tab-separated, one line per row and no header. Rooms: code, name, participants,
-    age. Participants: nickname, model, status, GPU, VRAM, RAM, endpoint, last seen."""
+    Piped output is tab-separated, one line per row and no header, numbers plain and times in ISO-8601
+    UTC. Rooms: code, name, participants, created, password (yes/no, '-' where the hub does not say).
+    Participants: id, nickname, model, status, GPU, VRAM GB, RAM GB, endpoint, last seen."""
 
     def body() -> None:
+        forced = _hub_api(hub_api)
         room = _code(code) if code is not None else None
-        from llmroom_cli.client import HubClient
-
-        http = _http_for_hub(hub)
-        client = HubClient(http, _hub_or_discovered(http, hub))
+        found = _open_hub(hub, forced)
         if watch:
-            _watch(client, room, json_out)
+            _watch(found, room, json_out, wide)
             return
         from llmroom_cli import render
 
+        plain = not sys.stdout.isatty()
         if room is None:
-            data = client.rooms_body()
+            data = found.rooms_body()
             if json_out:
                 _print_json(data)
                 return
-            rows, dim = render.rooms_view(data["rooms"])
-            render.print_table(render.ROOM_COLUMNS, rows, dim, empty=f"no rooms on {client.base_url}")
+            rows, dim = render.rooms_view(data["rooms"], plain=plain)
+            render.print_table(render.ROOM_COLUMNS, rows, dim, empty=f"no rooms on {found.base_url}")
         else:
-            data = client.participants_body(room)
+            data = found.participants_body(room)
             if json_out:
                 _print_json(data)
                 return
-            rows, dim = render.participants_view(data["participants"])
+            if not plain:
+                from llmroom_cli.options import curl_example, room_api_url
+
+                render.print_text(f"room {room}: {room_api_url(found.base_url, room)}", style="bold")
+                render.print_text(f"  {curl_example(found.base_url, room)}", style="dim")
+            rows, dim = render.participants_view(data["participants"], plain=plain, wide=wide)
             render.print_table(render.PARTICIPANT_COLUMNS, rows, dim, empty=f"no participants in {room}")
 
     _run(body, debug)
 
 
-def _watch(client: "HubClient", room: str | None, json_out: bool) -> None:
+# A v0.6 hub cuts an event stream after ~10 s without an event and a frozen one sends nothing: a stream
+# silent this long is dropped and opened again (and the view refreshed, in case events were missed).
+WATCH_SILENCE_S = 15.0
+WATCH_POLL_S = 2.0
+
+
+def _watch(hub: "Hub", room: str | None, json_out: bool, wide: bool = False) -> None:
     """Follow the room's event stream where the hub has one, else poll every 2 s, until Ctrl-C."""
     import json
     import threading
+    import time
 
     from llmroom_cli import render
     from llmroom_cli.errors import HubUnavailable
@@ -549,31 +735,36 @@ def _watch(client: "HubClient", room: str | None, json_out: bool) -> None:
         if json_out
         else render.Watcher(
             render.PARTICIPANT_COLUMNS if room else render.ROOM_COLUMNS,
-            f"room {room}" if room else client.base_url,
+            f"room {room}" if room else hub.base_url,
         )
     )
     changed = threading.Event()
+    plain = not sys.stdout.isatty()
 
     def follow() -> None:
         assert room is not None
         while not stop.is_set():
+            opened = time.monotonic()
             try:
-                for _event, _data in client.events(room):
+                for _event, _data in hub.events(room, silence_s=WATCH_SILENCE_S):
                     changed.set()
                     if stop.is_set():
                         return
             except LlmroomError:
                 pass
-            if stop.wait(2.0):
+            # The stream ended (cut for silence, or the hub went away): open it again, at once if it
+            # had lasted, else after a pause (a hub that drops every stream must not be hammered).
+            changed.set()
+            if stop.wait(0.1 if time.monotonic() - opened > WATCH_POLL_S else WATCH_POLL_S):
                 return
 
     def show() -> None:
         if room is None:
-            data = client.rooms_body()
-            rows, dim = render.rooms_view(data["rooms"])
+            data = hub.rooms_body()
+            rows, dim = render.rooms_view(data["rooms"], plain=plain)
         else:
-            data = client.participants_body(room)
-            rows, dim = render.participants_view(data["participants"])
+            data = hub.participants_body(room)
+            rows, dim = render.participants_view(data["participants"], plain=plain, wide=wide)
         if json_out:
             sys.stdout.write(json.dumps(data, separators=(",", ":")) + "\n")
             sys.stdout.flush()
@@ -591,7 +782,7 @@ def _watch(client: "HubClient", room: str | None, json_out: bool) -> None:
                 threading.Thread(target=follow, name="llmroom-events", daemon=True).start()
             while not stop.is_set():
                 # An event wakes us at once; "last seen" ages and sweeps are picked up every 2 s anyway.
-                changed.wait(2.0)
+                changed.wait(WATCH_POLL_S)
                 changed.clear()
                 if stop.is_set():
                     break
@@ -604,30 +795,109 @@ def _watch(client: "HubClient", room: str | None, json_out: bool) -> None:
                 watcher.close()
 
 
-@app.command()
+def _own_ids(hub_url: str, room: str, endpoint: str | None) -> dict[str, str]:
+    """The stable ids `join` on this machine would have used in `room` ({id: endpoint}): for the given
+    endpoint, else for the default one and the usual local ports (how `join` finds a server)."""
+    from llmroom_cli.endpoints import LOCAL_CANDIDATES, normalize_endpoint
+    from llmroom_cli.identity import stable_participant_id
+
+    if endpoint is not None:
+        candidates = [normalize_endpoint(endpoint)]
+    else:
+        ports = [c.rsplit(":", 1)[1] for c in LOCAL_CANDIDATES]
+        raw = [*LOCAL_CANDIDATES, *(f"http://localhost:{p}" for p in ports)]
+        candidates = list(dict.fromkeys(normalize_endpoint(c) for c in raw))
+    return {stable_participant_id(hub_url, room, ep): ep for ep in candidates}
+
+
+def _match_participant(parts: list[dict[str, Any]], wanted: str) -> list[dict[str, Any]]:
+    """The participants `wanted` names: the exact id; else those of that nickname (exactly, then in any
+    case); else those whose id starts with it."""
+    exact = [p for p in parts if p.get("id") == wanted]
+    if exact:
+        return exact
+    nicks = [(p, p["nickname"]) for p in parts if isinstance(p.get("nickname"), str)]
+    named = [p for p, nick in nicks if nick == wanted] or [
+        p for p, nick in nicks if nick.casefold() == wanted.casefold()
+    ]
+    if named:
+        return named
+    return [p for p in parts if isinstance(p.get("id"), str) and p["id"].startswith(wanted)]
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  llmroom leave ABC123                 (this machine's own participant)\n\n"
+    "  llmroom leave ABC123 alice@laptop    (by nickname)\n\n"
+    "  llmroom leave ABC123 3f9c2a1b        (by id or a unique id prefix, as `list ABC123` shows)"
+)
 def leave(
     code: CodeArg,
-    participant_id: Annotated[str, typer.Argument(metavar="ID", help="Participant id.", show_default=False)],
+    participant_id: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[ID|NICKNAME]",
+            help="Participant id, a unique id prefix, or a nickname.",
+            show_default="this machine's own participant",
+        ),
+    ] = None,
     hub: HubOpt = None,
+    hub_api: HubApiOpt = None,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--endpoint",
+            "-e",
+            envvar="LLMROOM_ENDPOINT",
+            help="Without an ID: the LLM server this machine shared.",
+            show_default="the usual local ports",
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Remove a participant from a room (to clean up after a crash)."""
 
     def body() -> None:
+        forced = _hub_api(hub_api)
         room = _code(code)
-        if not participant_id.strip():
+        if participant_id is not None and not participant_id.strip():
             raise UsageError("the participant id is empty")
-        hub_url = _hub(hub)
+        if endpoint is not None:
+            from llmroom_cli.endpoints import normalize_endpoint
+
+            normalize_endpoint(endpoint)  # a bad URL is exit 2 before any request
+        found = _open_hub(hub, forced)
         from llmroom_cli.errors import ParticipantNotFound
 
+        parts = found.participants(room)
+        if participant_id is None:
+            own = _own_ids(found.base_url, room, endpoint or _user_config().get("endpoint"))
+            matches = [p for p in parts if p.get("id") in own]
+            if not matches:
+                _err(f"nothing to remove: room {room} lists no participant of this machine (give an ID)")
+                return
+            what = "this machine's participant"
+        else:
+            matches = _match_participant(parts, participant_id)
+            what = ""
+        if len(matches) > 1:
+            listed = ", ".join(f"{p.get('id')} ({p.get('nickname')})" for p in matches)
+            raise UsageError(
+                f"{participant_id or 'this machine'} matches {len(matches)} participants of room {room}:"
+                f" {listed}",
+                "give a whole id",
+            )
+        target = str(matches[0].get("id")) if matches else str(participant_id)
         try:
-            _client(hub_url).leave(room, participant_id)
+            found.leave(room, target)
         except ParticipantNotFound:
             # Cleanup is idempotent: what a script wanted gone is gone.
             _err(f"nothing to remove: room {room} does not list {participant_id}")
             return
-        if sys.stdout.isatty():
-            _err(f"removed {participant_id} from room {room}")
+        nick = matches[0].get("nickname") if matches else None
+        named = f"{target} ({nick})" if isinstance(nick, str) and nick != target else target
+        if participant_id is None or sys.stdout.isatty() or sys.stderr.isatty():
+            _err(f"removed {what + ' ' if what else ''}{named} from room {room}")
 
     _run(body, debug)
 
@@ -1185,7 +1455,12 @@ def _join_flow(
 # -- hubs -------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n"
+    "  llmroom hubs\n\n"
+    "  llmroom hubs --timeout 5 --json\n\n"
+    "  export LLMROOM_HUB=$(llmroom hubs --json | jq -r '.[0].url')"
+)
 def hubs(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds to listen for announcements.", min=0.1)
@@ -1193,7 +1468,8 @@ def hubs(
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Find hubs on the local network (mDNS, _gambiarra._tcp) and check that they answer."""
+    """Find hubs on the local network (mDNS: _gambiarra._tcp for v0.1, _gambi._tcp for v0.6), check
+    that they answer, and show each one's hub API generation."""
 
     def body() -> int:
         import math
@@ -1201,7 +1477,10 @@ def hubs(
         if not math.isfinite(timeout):  # `nan` and `inf` pass typer's min check
             raise UsageError(f"--timeout {timeout}: expected a number of seconds")
         from llmroom_cli.discovery import discover
+        from llmroom_cli.hubapi import generation_label
 
+        if not json_out and sys.stderr.isatty():
+            _err(f"listening for hub announcements for {timeout:g} s ...")
         found = discover(timeout)
         if json_out:
             _print_json([h.to_json() for h in found])
@@ -1212,6 +1491,7 @@ def hubs(
                 [
                     h.name,
                     h.url,
+                    generation_label(h.generation) if h.generation else "-",
                     ", ".join(h.addresses),
                     str(h.txt.get("version", "-")),
                     "yes" if h.healthy else "no",
@@ -1219,7 +1499,7 @@ def hubs(
                 ]
                 for h in found
             ]
-            print_table(("NAME", "URL", "ADDRESSES", "VERSION", "ANSWERS", "ROUND TRIP"), rows)
+            print_table(("NAME", "URL", "HUB API", "ADDRESSES", "VERSION", "ANSWERS", "ROUND TRIP"), rows)
         if not found:
             _err("error: no hub found on the local network (start one with: llmroom serve --mdns)")
             return 5
@@ -1231,36 +1511,56 @@ def hubs(
 # -- doctor -----------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n"
+    "  llmroom doctor\n\n"
+    "  llmroom doctor --hub 10.0.0.5 --endpoint http://localhost:8080\n\n"
+    "  llmroom doctor --json > report.json"
+)
 def doctor(
     hub: HubOpt = None,
+    hub_api: HubApiOpt = None,
     endpoint: Annotated[
         str | None,
         typer.Option(
             "--endpoint",
             "-e",
             envvar="LLMROOM_ENDPOINT",
-            help="Your LLM server (default: search the usual ports).",
+            help="Your LLM server.",
+            show_default="search the usual local ports",
         ),
     ] = None,
     advertise: Annotated[
-        str | None, typer.Option("--advertise", help="The URL you would publish instead.")
+        str | None, typer.Option("--advertise", help="The URL you would publish instead.", show_default=False)
     ] = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """One report for bug reports and "why is nobody sending me requests": versions, specs, local
-    servers, the hub's reachability, round trip and clock skew, the published address. Exit 0 when all
-    is well, else the exit code of the first problem."""
+    servers, the hub's generation, reachability, round trip and clock skew, the published address, the
+    config file. Exit 0 when all is well, else the exit code of the first problem."""
 
     def body() -> int:
+        forced = _hub_api(hub_api)
         from llmroom_cli import endpoints
         from llmroom_cli.doctor import build_report
+        from llmroom_cli.errors import HubUnavailable
 
-        hub_url = _hub(hub)
-        ep = endpoints.normalize_endpoint(endpoint) if endpoint else None
+        user_config = _user_config()
+        named = _named_hub(hub)
+        hub_url = _hub(named)
+        chosen = endpoint if endpoint is not None else user_config.get("endpoint")
+        ep = endpoints.normalize_endpoint(chosen) if chosen else None
         urls = [hub_url, "http://127.0.0.1", *(u for u in (ep, advertise) if u)]
-        report = build_report(_http(*urls), hub_url, ep, advertise=advertise)
+        http = _http(*urls)
+        if named is None:
+            try:
+                # The same LAN fallback as every other command; when none is found, the report says
+                # the default hub does not answer.
+                hub_url = _fallback_named(http, hub_url, forced)[0]
+            except HubUnavailable:
+                pass
+        report = build_report(http, hub_url, ep, advertise=advertise, hub_api=forced, user_config=user_config)
         if json_out:
             _print_json(report.data)
         else:
@@ -1269,7 +1569,8 @@ def doctor(
             rows = [
                 [c.name, "ok" if c.ok else f"PROBLEM (exit {c.exit_code})", c.detail] for c in report.checks
             ]
-            print_table(("CHECK", "STATUS", "DETAIL"), rows, [not c.ok for c in report.checks])
+            styles = [None if c.ok else "bold red" for c in report.checks]
+            print_table(("CHECK", "STATUS", "DETAIL"), rows, styles=styles)
         return report.exit_code()
 
     raise typer.Exit(_run(body, debug))
@@ -1308,11 +1609,14 @@ def main() -> None:
     except ImportError:  # pragma: no cover - older typer on plain click
         from click import exceptions as click_exc  # type: ignore[no-redef,import-not-found,unused-ignore]
 
+    _click_style_completion()
     try:
         code = app(prog_name="llmroom", standalone_mode=False)
     except click_exc.UsageError as exc:
         if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:
-            sys.stdout.write(exc.ctx.get_help() + "\n")
+            # Under rich (a terminal) typer has already drawn the help while raising: once is enough.
+            if app.rich_markup_mode is None:
+                sys.stdout.write(exc.ctx.get_help() + "\n")
             sys.exit(0)
         cmd = exc.ctx.command_path if exc.ctx is not None else "llmroom"
         hint = f"see: {cmd} --help"
@@ -1336,6 +1640,16 @@ def main() -> None:
         code = 0
     _flush_stdout()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _click_style_completion() -> None:
+    """Shell completion: `_LLMROOM_COMPLETE=bash_source llmroom` (click's spelling, which its docs and
+    most guides use) means typer's `source_bash`; both print the script for bash, zsh or fish."""
+    var = "_LLMROOM_COMPLETE"
+    value = os.environ.get(var, "")
+    shell, _, instruction = value.partition("_")
+    if shell in ("bash", "zsh", "fish") and instruction in ("source", "complete"):
+        os.environ[var] = f"{instruction}_{shell}"
 
 
 def _flush_stdout() -> None:

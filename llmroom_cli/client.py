@@ -101,10 +101,14 @@ class HubClient:
         path = f"/rooms/{_seg(code)}/v1/chat/completions"
         return self._json("POST", path, body, timeout_s=timeout_s, max_bytes=LIST_CAP_BYTES)
 
-    def events(self, code: str) -> Iterator[tuple[str, Any]]:
-        """Follow the room's Server-Sent Events: yields (event, data) until the stream ends."""
-        url = f"{self.base_url}/rooms/{_seg(code)}/events"
-        timeout = httpx.Timeout(connect=self.http.timeout.connect, read=None, write=5.0, pool=5.0)
+    def events(
+        self, code: str, prefix: str = "", silence_s: float | None = None
+    ) -> Iterator[tuple[str, Any]]:
+        """Follow the room's Server-Sent Events: yields (event, data) until the stream ends. `prefix`
+        "/v1" follows a v0.6 hub's `/v1/rooms/:code/events`; a stream that sends nothing (not even a
+        comment) for `silence_s` raises HubUnavailable, so the caller can open a new one."""
+        url = f"{self.base_url}{prefix}/rooms/{_seg(code)}/events"
+        timeout = httpx.Timeout(connect=self.http.timeout.connect, read=silence_s, write=5.0, pool=5.0)
         try:
             with self.http.stream("GET", url, timeout=timeout) as resp:
                 if resp.status_code != 200:
@@ -114,7 +118,7 @@ class HubClient:
                         if len(head) > ANSWER_CAP_BYTES:
                             break
                     answer = Answer(resp.status_code, resp.headers, bytes(head[:ANSWER_CAP_BYTES]))
-                    self._raise_for(answer, "GET", f"/rooms/{code}/events")
+                    self._raise_for(answer, "GET", f"{prefix}/rooms/{code}/events")
                 event, data = "message", ""
                 for line in resp.iter_lines():
                     if len(data) + len(line) > EVENT_CAP_BYTES:
@@ -129,6 +133,8 @@ class HubClient:
                         event = line[6:].strip()
                     elif line.startswith("data:"):
                         data += line[5:].strip()
+        except httpx.ReadTimeout as exc:
+            raise HubUnavailable(f"the hub at {self.base_url} sent no event for {silence_s} s") from exc
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
         except httpx.DecodingError as exc:
@@ -181,6 +187,17 @@ class HubClient:
     def _raise_for(self, resp: Answer | httpx.Response, method: str, path: str) -> None:
         data = _json_object(resp)
         message = data.get("error") if data is not None else None
+        envelope_hint: str | None = None
+        if isinstance(message, dict):
+            # A v0.6 management error envelope ({"error": {"code", "message", "hint"}}), met on the
+            # routes both generations share (the event stream): its hint is worth showing.
+            ecode, text, hint = message.get("code"), message.get("message"), message.get("hint")
+            envelope_hint = hint[:300] if isinstance(hint, str) and hint else None
+            if ecode == "ROOM_NOT_FOUND":
+                text = "Room not found"
+            elif ecode == "PARTICIPANT_NOT_FOUND":
+                text = "Participant not found"
+            message = text[:300].rstrip(".") if isinstance(text, str) and text else None
         if not isinstance(message, str):
             if resp.status_code >= 500 or data is None:
                 raise HubProtocolError(
@@ -192,7 +209,8 @@ class HubClient:
         if status == 404 and message == "Room not found":
             raise RoomNotFound(
                 f"room not found on {self.base_url}",
-                f"check the code with: llmroom list --hub {self.base_url}; a restarted hub has no rooms",
+                envelope_hint
+                or f"check the code with: llmroom list --hub {self.base_url}; a restarted hub has no rooms",
             )
         if status == 404 and message == "Participant not found":
             raise ParticipantNotFound(f"the hub at {self.base_url} does not know this participant", status)
@@ -209,7 +227,9 @@ class HubClient:
                 f"{self.base_url} does not know {method} {path} ({status} {message}): it is not the hub API",
                 "check the --hub URL",
             )
-        raise HubRejected(f"the hub at {self.base_url} refused {method} {path}: {message}", status)
+        raise HubRejected(
+            f"the hub at {self.base_url} refused {method} {path}: {message}", status, envelope_hint
+        )
 
     def _unreachable(self, exc: Exception) -> HubUnavailable:
         reason = str(exc) or type(exc).__name__

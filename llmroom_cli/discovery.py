@@ -1,8 +1,10 @@
 """LAN discovery of hubs over mDNS / DNS-SD: browse for them, check them, pick one, announce our own.
 
-The reference hub announces itself as service type `_gambiarra._tcp.local.`, instance
-`gambiarra-hub-<port>`, TXT `version=1.0` and `protocol=http`; `Announcement` does exactly the same for
-`llmroom serve --mdns`, and `browse()` / `discover()` find either kind.
+The reference hub v0.1 announces itself as service type `_gambiarra._tcp.local.`, instance
+`gambiarra-hub-<port>`, TXT `version=1.0` and `protocol=http`; the renamed v0.6 hub (Gambi) announces
+`_gambi._tcp.local.`, instance `gambi-hub-<port>`. `Announcement` does the v0.1 one for `llmroom serve
+--mdns` (or either, by `service_type`), and `browse()` / `discover()` find both types; `check_health`
+tells each hub's generation from the health route that answers (`/health` v0.1, `/v1/health` v0.6).
 
 zeroconf is imported only inside the functions that need it (it costs tens of milliseconds and opens
 sockets), so no other command pays for it. Like the rest of the core, nothing here prints or exits.
@@ -30,6 +32,10 @@ if TYPE_CHECKING:  # only for annotations: never imported at run time from here
 
 SERVICE_TYPE = "_gambiarra._tcp.local."
 INSTANCE_PREFIX = "gambiarra-hub-"
+V06_SERVICE_TYPE = "_gambi._tcp.local."
+V06_INSTANCE_PREFIX = "gambi-hub-"
+SERVICE_TYPES = (SERVICE_TYPE, V06_SERVICE_TYPE)
+_PREFIXES = {SERVICE_TYPE: INSTANCE_PREFIX, V06_SERVICE_TYPE: V06_INSTANCE_PREFIX}
 TXT_VERSION = "1.0"
 # A found service that is not in the cache after the browse gets this long to answer SRV/TXT/A queries.
 RESOLVE_TIMEOUT_S = 1.0
@@ -56,6 +62,9 @@ class FoundHub:
     rtt_ms: float | None = None
     server: str = ""
     error: str | None = field(default=None, compare=False)
+    service_type: str = SERVICE_TYPE
+    # "v0.1", "v0.6" or "both", from the health route(s) that answered; None until checked.
+    generation: str | None = None
 
     @property
     def version(self) -> str | None:
@@ -74,6 +83,8 @@ class FoundHub:
             "healthy": self.healthy,
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 1),
             "error": self.error,
+            "service_type": self.service_type,
+            "generation": self.generation,
         }
 
 
@@ -102,9 +113,13 @@ def hub_url(host: str, port: int, protocol: str = "http") -> str:
 
 
 def instance_name(fullname: str) -> str:
-    """`gambiarra-hub-3000._gambiarra._tcp.local.` -> `gambiarra-hub-3000`."""
-    suffix = "." + SERVICE_TYPE
-    return fullname[: -len(suffix)] if fullname.lower().endswith(suffix) else fullname.rstrip(".")
+    """`gambiarra-hub-3000._gambiarra._tcp.local.` -> `gambiarra-hub-3000` (and `gambi-hub-3000` of
+    `_gambi._tcp.local.`)."""
+    for service_type in SERVICE_TYPES:
+        suffix = "." + service_type
+        if fullname.lower().endswith(suffix):
+            return fullname[: -len(suffix)]
+    return fullname.rstrip(".")
 
 
 def hub_from_info(info: ServiceInfo) -> FoundHub | None:
@@ -116,6 +131,7 @@ def hub_from_info(info: ServiceInfo) -> FoundHub | None:
         return None
     txt = {str(k): "" if v is None else str(v) for k, v in info.decoded_properties.items()}
     host = addresses[0]
+    service_type = next((t for t in SERVICE_TYPES if info.type.lower() == t), SERVICE_TYPE)
     return FoundHub(
         name=instance_name(info.name),
         host=host,
@@ -124,6 +140,7 @@ def hub_from_info(info: ServiceInfo) -> FoundHub | None:
         txt=txt,
         url=hub_url(host, int(info.port), txt.get("protocol", "http")),
         server=(info.server or "").rstrip("."),
+        service_type=service_type,
     )
 
 
@@ -155,7 +172,8 @@ def _open_zeroconf(interfaces: Sequence[str] | None, ip_v6: bool = False) -> Zer
 
 
 def browse(timeout_s: float = 1.5, *, interfaces: Sequence[str] | None = None) -> list[FoundHub]:
-    """Browse `_gambiarra._tcp.local.` for `timeout_s` and return every hub resolved, deduplicated.
+    """Browse both service types (`_gambiarra._tcp.local.`, `_gambi._tcp.local.`) for `timeout_s` and
+    return every hub resolved, deduplicated by URL.
 
     `interfaces` is a list of local IP addresses to browse on (default: all of them). Takes `timeout_s`
     plus, only for a service whose records did not arrive with its announcement, up to
@@ -164,7 +182,8 @@ def browse(timeout_s: float = 1.5, *, interfaces: Sequence[str] | None = None) -
     from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange
 
     zc = _open_zeroconf(interfaces)
-    names: dict[str, str] = {}  # lower-cased full name -> full name, in the order found
+    # lower-cased full name -> (service type, full name), in the order found
+    names: dict[str, tuple[str, str]] = {}
     lock = threading.Lock()
 
     def on_change(zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
@@ -172,10 +191,10 @@ def browse(timeout_s: float = 1.5, *, interfaces: Sequence[str] | None = None) -
             if state_change is ServiceStateChange.Removed:
                 names.pop(name.lower(), None)
             else:
-                names.setdefault(name.lower(), name)
+                names.setdefault(name.lower(), (service_type, name))
 
     try:
-        browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[on_change])
+        browser = ServiceBrowser(zc, list(SERVICE_TYPES), handlers=[on_change])
         try:
             time.sleep(max(0.0, timeout_s))
         finally:
@@ -183,8 +202,9 @@ def browse(timeout_s: float = 1.5, *, interfaces: Sequence[str] | None = None) -
         with lock:
             found = list(names.values())
 
-        def resolve(name: str) -> FoundHub | None:
-            info = ServiceInfo(SERVICE_TYPE, name)
+        def resolve(found_name: tuple[str, str]) -> FoundHub | None:
+            service_type, name = found_name
+            info = ServiceInfo(service_type, name)
             # The answer to our query usually carries SRV, TXT and A records: the cache has them all.
             if not info.load_from_cache(zc) and not info.request(zc, int(RESOLVE_TIMEOUT_S * 1000)):
                 return None
@@ -208,25 +228,45 @@ def browse(timeout_s: float = 1.5, *, interfaces: Sequence[str] | None = None) -
 # -- health -----------------------------------------------------------------------------------------
 
 
-def _probe(host: str, port: int, timeout_s: float, https: bool) -> tuple[float | None, str | None]:
-    """GET /health once: (round trip in ms, None) when it answers like a hub, else (None, why)."""
+def _probe(
+    host: str, port: int, timeout_s: float, https: bool
+) -> tuple[float | None, str | None, str | None]:
+    """(round trip in ms, None, generation) when it answers like a hub, else (None, why, None).
+
+    `GET /health` (v0.1) first, then `GET /v1/health` (v0.6): a hub speaking both is "both"."""
+    rtt_ms, why = _probe_path(host, port, timeout_s, https, "/health")
+    rtt_v06, why_v06 = _probe_path(host, port, timeout_s, https, "/v1/health")
+    if rtt_ms is not None and rtt_v06 is not None:
+        return rtt_ms, None, "both"
+    if rtt_ms is not None:
+        return rtt_ms, None, "v0.1"
+    if rtt_v06 is not None:
+        return rtt_v06, None, "v0.6"
+    # Both failed: a v0.1 404 says less than what /v1/health answered (a v0.6 hub in trouble, say).
+    return None, why_v06 if (why or "").endswith("answered 404") else why, None
+
+
+def _probe_path(
+    host: str, port: int, timeout_s: float, https: bool, path: str
+) -> tuple[float | None, str | None]:
+    """GET `path` once: (round trip in ms, None) when it answers a health object, else (None, why)."""
     cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
     # http.client on purpose: a LAN address must never go through the user's HTTP proxy.
     conn = cls(host, port, timeout=timeout_s)
     start = time.perf_counter()
     try:
-        conn.request("GET", "/health", headers={"Accept": "application/json"})
+        conn.request("GET", path, headers={"Accept": "application/json"})
         resp = conn.getresponse()
         body = resp.read(64 << 10)
         rtt_ms = (time.perf_counter() - start) * 1000.0
         if resp.status != 200:
-            return None, f"GET /health answered {resp.status}"
+            return None, f"GET {path} answered {resp.status}"
         try:
             data = json.loads(body)
         except ValueError:
-            return None, "GET /health did not answer JSON"
+            return None, f"GET {path} did not answer JSON"
         if not isinstance(data, dict):
-            return None, "GET /health did not answer a JSON object"
+            return None, f"GET {path} did not answer a JSON object"
         return rtt_ms, None
     except (OSError, http.client.HTTPException) as exc:
         return None, str(exc) or type(exc).__name__
@@ -235,7 +275,7 @@ def _probe(host: str, port: int, timeout_s: float, https: bool) -> tuple[float |
 
 
 def check_health(hubs: list[FoundHub], timeout_s: float = 1.0) -> None:
-    """Fill `healthy`, `rtt_ms` (and `error`) of each hub with a concurrent `GET /health`.
+    """Fill `healthy`, `rtt_ms`, `generation` (and `error`) of each hub with concurrent health checks.
 
     A hub announcing several addresses is tried on up to MAX_ADDRESSES_TRIED of them at once; the
     best-ranked one that answers becomes its `host` and `url`. Takes about `timeout_s` at worst.
@@ -249,10 +289,10 @@ def check_health(hubs: list[FoundHub], timeout_s: float = 1.0) -> None:
         )
     for hub in hubs:
         mine = [(addr, res) for (h, addr), res in zip(jobs, results, strict=True) if h is hub]
-        ok = [(addr, rtt) for addr, (rtt, _) in mine if rtt is not None]
+        ok = [(addr, rtt, gen) for addr, (rtt, _, gen) in mine if rtt is not None]
         if ok:
-            addr, rtt = ok[0]  # jobs keep the order of hub.addresses, best-ranked first
-            hub.healthy, hub.rtt_ms, hub.error = True, rtt, None
+            addr, rtt, gen = ok[0]  # jobs keep the order of hub.addresses, best-ranked first
+            hub.healthy, hub.rtt_ms, hub.error, hub.generation = True, rtt, None, gen
             hub.host, hub.url = addr, hub_url(addr, hub.port, hub.txt.get("protocol", "http"))
         else:
             hub.healthy, hub.rtt_ms = False, None
@@ -288,11 +328,12 @@ def pick_hub(hubs: list[FoundHub], ask: Callable[[list[FoundHub]], FoundHub] | N
     if hubs:
         raise HubUnavailable(
             "no hub found on the local network",
-            f"announced but not answering GET /health: {_describe(hubs)}",
+            f"announced but not answering a health check: {_describe(hubs)}",
         )
     raise HubUnavailable(
         "no hub found on the local network",
-        f"nothing announced {SERVICE_TYPE}; start one with `llmroom serve --mdns` or pass --hub URL",
+        f"nothing announced {SERVICE_TYPE} or {V06_SERVICE_TYPE}; start one with `llmroom serve --mdns`"
+        " or pass --hub URL",
     )
 
 
@@ -352,7 +393,13 @@ class Announcement:
     the same name (same port on another machine) makes ours `gambiarra-hub-<port>-2`.
     """
 
-    def __init__(self, port: int, host: str = "0.0.0.0", version: str = TXT_VERSION) -> None:
+    def __init__(
+        self, port: int, host: str = "0.0.0.0", version: str = TXT_VERSION, service_type: str = SERVICE_TYPE
+    ) -> None:
+        if service_type not in _PREFIXES:
+            raise UsageError(f"unknown mDNS service type {service_type!r}")
+        self.service_type = service_type
+        self.prefix = _PREFIXES[service_type]
         self.port = port
         self.host = host
         self.version = version
@@ -367,7 +414,7 @@ class Announcement:
     def name(self) -> str:
         """The instance name announced (it may gain a `-2` suffix after a conflict)."""
         if self._info is None:
-            return f"{INSTANCE_PREFIX}{self.port}"
+            return f"{self.prefix}{self.port}"
         return instance_name(self._info.name)
 
     def start(self) -> Announcement:
@@ -380,8 +427,8 @@ class Announcement:
             ip_v6 = any(":" in a for a in self.addresses)
             zc = _open_zeroconf(self._interfaces, ip_v6=ip_v6)
             info = ServiceInfo(
-                SERVICE_TYPE,
-                f"{INSTANCE_PREFIX}{self.port}.{SERVICE_TYPE}",
+                self.service_type,
+                f"{self.prefix}{self.port}.{self.service_type}",
                 port=self.port,
                 properties={"version": self.version, "protocol": "http"},
                 server=f"{_hostname()}.local.",

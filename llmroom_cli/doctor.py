@@ -92,12 +92,15 @@ def build_report(
     advertise: str | None = None,
     candidates: Sequence[str] | None = None,
     detect_specs: Callable[[], MachineSpecs] | None = None,
+    hub_api: str | None = None,
+    user_config: Mapping[str, Any] | None = None,
 ) -> Report:
     """Everything `doctor` reports; never raises.
 
     `endpoint` is the LLM server to check (else the usual local addresses, or `candidates`, are
     searched and the first server found is the one published); `detect_specs` replaces specs detection
-    in tests.
+    in tests; `hub_api` forces the hub generation (else it is detected and shown); `user_config` is
+    what the user's config file set (shown, never checked).
     """
     report = Report()
     checks, data = report.checks, report.data
@@ -113,7 +116,7 @@ def build_report(
         checks.append(Check("OS", True, f"{data['os']['system']} {data['os']['release']}".strip()))
 
         servers, server_checks = _servers(http, endpoint, api_key, candidates)
-        hub_check, data["hub"] = _hub(http, hub_url, now_ms)
+        hub_check, data["hub"] = _hub(http, hub_url, now_ms, hub_api)
         pub_check, data["publication"] = _publication(http, servers, endpoint, hub_url, advertise)
 
         spec_check, data["specs"] = specs_job.result()
@@ -125,6 +128,8 @@ def build_report(
     if pub_check is not None:
         checks.append(pub_check)
     checks.append(_config_dir(data))
+    if user_config is not None:
+        checks.append(_user_config(data, user_config))
     names = env_names(env)
     data["env"] = names
     checks.append(
@@ -184,12 +189,21 @@ def _servers(
     return servers, [_describe_server(s) for s in servers]
 
 
-def _hub(http: httpx.Client, hub_url: str, now_ms: Callable[[], int]) -> tuple[Check, dict[str, Any]]:
-    data: dict[str, Any] = {"url": hub_url, "reachable": False, "rtt_ms": None, "clock_skew_ms": None}
+def _hub(
+    http: httpx.Client, hub_url: str, now_ms: Callable[[], int], hub_api: str | None = None
+) -> tuple[Check, dict[str, Any]]:
+    data: dict[str, Any] = {
+        "url": hub_url,
+        "reachable": False,
+        "generation": None,
+        "rtt_ms": None,
+        "clock_skew_ms": None,
+    }
     try:
-        from llmroom_cli.client import HubClient
+        from llmroom_cli.hubapi import open_hub
 
-        client = HubClient(http, hub_url)
+        client = open_hub(http, hub_url, hub_api)
+        data["generation"] = client.detected
         sent_ms, start = now_ms(), time.perf_counter()
         body = client.health(timeout_s=HUB_TIMEOUT_S)
         rtt_ms = (time.perf_counter() - start) * 1000
@@ -200,7 +214,8 @@ def _hub(http: httpx.Client, hub_url: str, now_ms: Callable[[], int]) -> tuple[C
         return check, data
     data["reachable"] = True
     data["rtt_ms"] = round(rtt_ms, 1)
-    detail = f"{hub_url} answers in {rtt_ms:.0f} ms"
+    forced = " (forced by --hub-api)" if hub_api else ""
+    detail = f"{hub_url} speaks {client.label}{forced}, answers in {rtt_ms:.0f} ms"
     stamp = body.get("timestamp")
     if isinstance(stamp, (int, float)) and not isinstance(stamp, bool):
         # The hub stamped its answer somewhere between sending and receiving: compare with the midpoint.
@@ -210,7 +225,7 @@ def _hub(http: httpx.Client, hub_url: str, now_ms: Callable[[], int]) -> tuple[C
         if abs(skew) > SKEW_WARN_MS:
             detail += " (check this machine's clock)"
     else:
-        detail += "; no timestamp in /health, clock skew unknown"
+        detail += "; no timestamp in its health answer, clock skew unknown"
     return Check("hub", True, detail), data
 
 
@@ -251,3 +266,14 @@ def _config_dir(data: dict[str, Any]) -> Check:
         return _failed("config dir", exc, 1)
     data["config_dir"] = {"path": str(path), "exists": exists}
     return Check("config dir", True, f"{path}{'' if exists else ' (not created yet)'}")
+
+
+def _user_config(data: dict[str, Any], config: Mapping[str, Any]) -> Check:
+    from llmroom_cli.options import user_config_path
+
+    path = user_config_path()
+    data["user_config"] = {"path": str(path), "values": dict(config)}
+    if not config:
+        return Check("config file", True, f"{path} (none: flags, LLMROOM_* and defaults apply)")
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(config.items()))
+    return Check("config file", True, f"{path}: {shown} (flags and LLMROOM_* take precedence)")

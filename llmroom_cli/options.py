@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -145,8 +146,30 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def parse_config(pairs: list[str], config_file: Path | None = None) -> dict[str, Any] | None:
-    """Merge `--config-file` (JSON or TOML) and `--config KEY=VALUE` pairs (pairs win); None if empty."""
+# Every generation key a hub understands (v0.6 room defaults and participant config: `instructions`
+# too); anything else is still sent, as hubs keep it, but likely a typo.
+KNOWN_CONFIG_KEYS = (*_RANGES, "stop", "instructions")
+
+
+def unknown_config_keys(config: dict[str, Any]) -> list[str]:
+    """A warning for each key no hub knows, naming the closest known one where there is one."""
+    import difflib
+
+    out = []
+    for key in config:
+        if key in KNOWN_CONFIG_KEYS:
+            continue
+        close = difflib.get_close_matches(key, KNOWN_CONFIG_KEYS, n=1, cutoff=0.6)
+        guess = f" (did you mean {close[0]}?)" if close else ""
+        out.append(f"unknown config key {key!r}{guess}; sent anyway")
+    return out
+
+
+def parse_config(
+    pairs: list[str], config_file: Path | None = None, warn: Callable[[str], None] | None = None
+) -> dict[str, Any] | None:
+    """Merge `--config-file` (JSON or TOML) and `--config KEY=VALUE` pairs (pairs win); None if empty.
+    `warn` is told of each unknown key (with the closest known one): they are kept and sent."""
     config: dict[str, Any] = {}
     if config_file is not None:
         config.update(_read_config_file(config_file))
@@ -156,6 +179,9 @@ def parse_config(pairs: list[str], config_file: Path | None = None) -> dict[str,
         if not sep or not key:
             raise UsageError(f"invalid --config {pair!r}: expected KEY=VALUE, as in temperature=0.7")
         config[key] = _typed_value(key, raw)
+    if warn is not None:
+        for line in unknown_config_keys(config):
+            warn(line)
     return validate_config(config) if config else None
 
 
@@ -178,8 +204,10 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     if path.suffix.lower() == ".toml":
         try:
             import tomllib  # type: ignore[import-not-found,unused-ignore]
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef,import-not-found,unused-ignore]
+        except ModuleNotFoundError:  # Python 3.10: no tomllib, and tomli is not a dependency
+            raise UsageError(
+                f"--config-file {str(path)!r}: reading TOML needs Python 3.11 or later", "use a JSON file"
+            ) from None
         try:
             data = tomllib.loads(text)
         except RecursionError:
@@ -265,4 +293,73 @@ def parse_headers(pairs: list[str], env_pairs: list[str], api_key: str | None) -
             raise UsageError("the API key is empty (--api-key or LLMROOM_API_KEY)")
         put("Authorization", _header_value("API key", key, "--api-key"), "--api-key")
         out["Authorization"] = f"Bearer {key}"
+    return out
+
+
+def room_api_url(hub_url: str, code: str) -> str:
+    """The room's OpenAI-compatible base URL: `http://HUB/rooms/CODE/v1` (both hub generations)."""
+    return f"{hub_url.rstrip('/')}/rooms/{code}/v1"
+
+
+def curl_example(hub_url: str, code: str) -> str:
+    """A copy-paste request to the room: any participant answers (`"model": "*"`)."""
+    body = '{"model": "*", "messages": [{"role": "user", "content": "Hello!"}]}'
+    return (
+        f"curl {room_api_url(hub_url, code)}/chat/completions -H 'Content-Type: application/json' -d '{body}'"
+    )
+
+
+# -- the user's config file -------------------------------------------------------------------------
+
+USER_CONFIG_KEYS = ("hub", "endpoint", "nickname", "model")
+
+
+def user_config_path() -> Path:
+    """`$XDG_CONFIG_HOME/llmroom/config.toml` (`~/.config/llmroom/config.toml` without XDG_CONFIG_HOME)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "llmroom" / "config.toml"
+
+
+def load_user_config(path: Path | None = None, warn: Callable[[str], None] | None = None) -> dict[str, str]:
+    """The defaults the user wrote in the config file (`hub`, `endpoint`, `nickname`, `model`), for the
+    options neither a flag nor an LLMROOM_* variable set (those take precedence: the caller decides).
+
+    No file: {}. A file that is not TOML, or a value that is not text: UsageError (exit 2), naming the
+    file. Unknown keys are ignored, with a warning naming the closest known one. On Python 3.10 (no
+    tomllib, and no tomli to lean on) the file is skipped with a warning rather than half-parsed."""
+    import difflib
+
+    path = path or user_config_path()
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise UsageError(f"cannot read the config file {str(path)!r}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_FILE_BYTES:
+        raise UsageError(f"the config file {str(path)!r} is larger than {MAX_CONFIG_FILE_BYTES >> 20} MiB")
+    try:
+        import tomllib  # type: ignore[import-not-found,unused-ignore]
+    except ModuleNotFoundError:  # Python 3.10
+        if warn is not None:
+            warn(f"{path} skipped: reading TOML needs Python 3.11 or later")
+        return {}
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"the config file {str(path)!r} is not UTF-8 text") from None
+    except (ValueError, RecursionError) as exc:
+        raise UsageError(f"the config file {str(path)!r} is not valid TOML: {exc}") from None
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        if key not in USER_CONFIG_KEYS:
+            if warn is not None:
+                close = difflib.get_close_matches(key, USER_CONFIG_KEYS, n=1, cutoff=0.6)
+                guess = f" (did you mean {close[0]}?)" if close else ""
+                warn(f"{path}: unknown key {key!r}{guess}; ignored")
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise UsageError(f"the config file {str(path)!r}: {key} must be a non-empty string")
+        out[key] = value.strip()
     return out

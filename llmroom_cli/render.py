@@ -7,7 +7,9 @@ rich is imported only where something is drawn on a terminal: piped and JSON out
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
+import math
 import re
 import sys
 import threading
@@ -109,57 +111,193 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-ROOM_COLUMNS = ("CODE", "NAME", "PARTICIPANTS", "AGE")
-PARTICIPANT_COLUMNS = ("NICKNAME", "MODEL", "STATUS", "GPU", "VRAM", "RAM", "ENDPOINT", "LAST SEEN")
+ROOM_COLUMNS = ("CODE", "NAME", "PARTICIPANTS", "AGE", "PASSWORD")
+PARTICIPANT_COLUMNS = ("ID", "NICKNAME", "MODEL", "STATUS", "GPU", "VRAM", "RAM", "ENDPOINT", "LAST SEEN")
+# A shortened id on a terminal: this many characters at least, more where two ids share them.
+SHORT_ID_CHARS = 8
 
 
-def room_rows(rooms: Sequence[dict[str, Any]], now_ms: float | None = None) -> list[list[str]]:
+def iso_utc(ms: Any) -> str:
+    """1709409600000 -> '2024-03-02T20:00:00Z' (what a script wants); '-' for anything but a number."""
+    if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not math.isfinite(ms):
+        return "-"
+    try:
+        stamp = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return "-"
+    return stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _protected(room: dict[str, Any]) -> str:
+    value = room.get("passwordProtected")
+    return {True: "yes", False: "no"}.get(value, "-") if isinstance(value, bool) else "-"
+
+
+def room_rows(
+    rooms: Sequence[dict[str, Any]], now_ms: float | None = None, plain: bool = False
+) -> list[list[str]]:
+    """Rows of ROOM_COLUMNS. `plain` (piped): the creation time in ISO-8601 UTC instead of an age.
+    PASSWORD is yes/no where the hub says (v0.6), '-' where it does not (v0.1)."""
     return [
         [
             _text(r.get("code")),
             _text(r.get("name")),
             _text(r.get("participantCount", 0)),
-            ago(r.get("createdAt"), now_ms),
+            iso_utc(r.get("createdAt")) if plain else ago(r.get("createdAt"), now_ms),
+            _protected(r),
         ]
         for r in rooms
     ]
 
 
-def _gb(value: Any) -> str:
-    return f"{value} GB" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+def _gb(value: Any, plain: bool = False) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "-"
+    return str(value) if plain else f"{value} GB"
 
 
-def participant_rows(parts: Sequence[dict[str, Any]], now_ms: float | None = None) -> list[list[str]]:
+def short_ids(ids: Sequence[str], min_chars: int = SHORT_ID_CHARS) -> list[str]:
+    """Each id cut to the shortest prefix (at least `min_chars`) that no other id of the list shares,
+    as git shortens hashes: what is shown can always be typed back to `leave`. O(n log n): only an id's
+    neighbours in sorted order can share its longest prefix (a room may list 10,000 participants)."""
+
+    def common(a: str, b: str) -> int:
+        n = 0
+        for x, y in zip(a, b, strict=False):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    order = sorted(range(len(ids)), key=lambda k: ids[k])
+    need = dict.fromkeys(range(len(ids)), min_chars)
+    for a, b in zip(order, order[1:], strict=False):
+        shared = common(ids[a], ids[b]) + 1
+        need[a], need[b] = max(need[a], shared), max(need[b], shared)
+    return [full if need[i] >= len(full) else full[: need[i]] + "…" for i, full in enumerate(ids)]
+
+
+def _status(p: dict[str, Any]) -> str:
+    """The status, and for a v0.6 participant (`connection.kind` "tunnel") whether its tunnel is up."""
+    status = _text(p.get("status"))
+    conn = p.get("connection")
+    if isinstance(conn, dict) and conn.get("kind") == "tunnel" and isinstance(conn.get("connected"), bool):
+        return f"{status}, tunnel {'up' if conn['connected'] else 'down'}"
+    return status
+
+
+def participant_rows(
+    parts: Sequence[dict[str, Any]], now_ms: float | None = None, plain: bool = False, wide: bool = False
+) -> list[list[str]]:
+    """Rows of PARTICIPANT_COLUMNS. `plain` (piped): whole ids, plain numbers (VRAM, RAM in GB) and
+    ISO-8601 UTC times; on a terminal ids are shortened unless `wide`."""
+    ids = [_text(p.get("id")) for p in parts]
+    shown_ids = ids if plain or wide else short_ids(ids)
     rows = []
-    for p in parts:
+    for p, pid in zip(parts, shown_ids, strict=True):
         specs = p.get("specs") if isinstance(p.get("specs"), dict) else {}
         assert isinstance(specs, dict)
         rows.append(
             [
+                pid,
                 _text(p.get("nickname")),
                 _text(p.get("model")),
-                _text(p.get("status")),
+                _status(p),
                 _text(specs.get("gpu")),
-                _gb(specs.get("vram")),
-                _gb(specs.get("ram")),
+                _gb(specs.get("vram"), plain),
+                _gb(specs.get("ram"), plain),
                 _text(p.get("endpoint")),
-                ago(p.get("lastSeen"), now_ms),
+                iso_utc(p.get("lastSeen")) if plain else ago(p.get("lastSeen"), now_ms),
             ]
         )
     return rows
 
 
-def build_table(columns: Sequence[str], rows: Sequence[Sequence[str]], dim: Sequence[bool] = ()) -> Table:
+# When a terminal is too narrow for a table, columns are dropped in this order (lowest first; ties:
+# the rightmost first); unlisted columns are never dropped. What is kept is cut with an ellipsis, never
+# split inside a word, except the free-text columns of WRAPPED, which wrap at spaces.
+DROP_ORDER: dict[str, int] = {
+    "RAM": 1,
+    "GPU": 2,
+    "PASSWORD": 2,
+    "ADDRESSES": 2,
+    "VERSION": 3,
+    "VRAM": 3,
+    "ROUND TRIP": 3,
+    "AGE": 4,
+    "LAST SEEN": 4,
+    "ENDPOINT": 5,
+    "PARTICIPANTS": 6,
+    "SOURCE": 6,
+    "HUB API": 6,
+    "MODEL": 7,
+    "STATUS": 8,
+}
+WRAPPED = frozenset({"DETAIL", "VALUE", "LAST ERROR"})
+GAP = 2  # rich's padding between columns (box=None, pad_edge=False)
+
+
+def fit_columns(columns: Sequence[str], rows: Sequence[Sequence[str]], width: int) -> list[int]:
+    """The indexes of the columns to show in `width` characters: all when they fit at their natural
+    width, else without the lowest of DROP_ORDER, one at a time, until they fit or none is left to drop."""
+    natural = [len(c) for c in columns]
+    for row in rows:
+        for i, cell in enumerate(row[: len(columns)]):
+            natural[i] = max(natural[i], len(visible(cell)))
+    kept = list(range(len(columns)))
+
+    def need(idx: list[int]) -> int:
+        # A wrapped column needs only its longest word; the others their whole text.
+        return sum(min(natural[i], 24) if columns[i] in WRAPPED else natural[i] for i in idx) + GAP * (
+            len(idx) - 1
+        )
+
+    droppable = sorted(
+        (i for i, c in enumerate(columns) if c in DROP_ORDER), key=lambda i: (DROP_ORDER[columns[i]], -i)
+    )
+    for i in droppable:
+        if need(kept) <= width:
+            break
+        kept.remove(i)
+    return kept
+
+
+def build_table(
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    dim: Sequence[bool] = (),
+    styles: Sequence[str | None] = (),
+    width: int | None = None,
+) -> Table:
+    """A rich table of text cells; row i dimmed where `dim[i]`, or drawn in `styles[i]` (a problem in
+    bold red: it must be the loudest thing on screen, not the faintest). With `width`, columns that do
+    not fit are dropped by priority (fit_columns) and a caption says how many."""
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in columns:
-        table.add_column(col, overflow="fold")
-    for i, row in enumerate(rows):
+    kept = fit_columns(columns, rows, width) if width is not None else list(range(len(columns)))
+    hidden = len(columns) - len(kept)
+    caption = f"{hidden} column{'s' if hidden > 1 else ''} hidden (--json)" if hidden else None
+    table = Table(
+        box=None,
+        header_style="bold",
+        pad_edge=False,
+        caption=caption,
+        caption_style="dim",
+        caption_justify="left",
+    )
+    for i in kept:
+        col = columns[i]
+        if col in WRAPPED:
+            table.add_column(col, overflow="fold", min_width=len(col), ratio=1)
+        else:
+            # A header is never cut; a cell is cut with an ellipsis rather than split across lines.
+            table.add_column(col, no_wrap=True, overflow="ellipsis", min_width=len(col))
+    for r, row in enumerate(rows):
         # Text cells: rich markup in a nickname (`[/]x`, `[red]`) is shown, never interpreted.
-        cells = [Text(visible(cell)) for cell in row]
-        table.add_row(*cells, style="dim" if i < len(dim) and dim[i] else None)
+        cells = [Text(visible(row[i]) if i < len(row) else "") for i in kept]
+        style = styles[r] if r < len(styles) and styles[r] else None
+        table.add_row(*cells, style=style or ("dim" if r < len(dim) and dim[r] else None))
     return table
 
 
@@ -169,8 +307,10 @@ def print_table(
     dim: Sequence[bool] = (),
     empty: str = "",
     file: IO[str] | None = None,
+    styles: Sequence[str | None] = (),
 ) -> None:
-    """A rich table on a terminal; tab-separated lines without a header when piped (for scripts)."""
+    """A rich table on a terminal; tab-separated lines without a header when piped (for scripts).
+    rich leaves out colour under NO_COLOR and TERM=dumb."""
     out = file or sys.stdout
     if not out.isatty():
         for row in rows:
@@ -185,7 +325,7 @@ def print_table(
         if empty:
             console.print(visible(empty), style="dim", markup=False)
         return
-    console.print(build_table(columns, rows, dim))
+    console.print(build_table(columns, rows, dim, styles, width=console.width))
 
 
 # rich measures every cell of every row: 10,000 participants take about 14 s to draw. Past this many
@@ -216,12 +356,16 @@ def _print_aligned(
     out.flush()
 
 
-def rooms_view(rooms: Sequence[dict[str, Any]]) -> tuple[list[list[str]], list[bool]]:
-    return room_rows(rooms), [False] * len(rooms)
+def rooms_view(rooms: Sequence[dict[str, Any]], plain: bool = False) -> tuple[list[list[str]], list[bool]]:
+    """Rows and dim flags for `list` (see room_rows)."""
+    return room_rows(rooms, plain=plain), [False] * len(rooms)
 
 
-def participants_view(parts: Sequence[dict[str, Any]]) -> tuple[list[list[str]], list[bool]]:
-    return participant_rows(parts), [p.get("status") != "online" for p in parts]
+def participants_view(
+    parts: Sequence[dict[str, Any]], plain: bool = False, wide: bool = False
+) -> tuple[list[list[str]], list[bool]]:
+    """Rows and dim flags (offline participants) for `list CODE` (see participant_rows)."""
+    return participant_rows(parts, plain=plain, wide=wide), [p.get("status") != "online" for p in parts]
 
 
 def live_capable(stream: IO[str] | None = None) -> bool:

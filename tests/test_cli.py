@@ -59,12 +59,13 @@ def test_create_prints_only_the_code_when_piped_and_list_shows_it(hub: RunningHu
     r = cli("create", "Hack night", "--hub", hub.url)
     assert r.returncode == 0, r.stderr
     code = r.stdout.strip()
-    assert re.fullmatch(r"[A-Z0-9]{6}", code)
+    assert re.fullmatch(r"[A-Z0-9_-]{6}", code)
     rooms = cli("list", "--hub", hub.url)
     assert rooms.returncode == 0
     line = rooms.stdout.strip().split("\t")
     assert line[:3] == [code, "Hack night", "0"]
-    assert line[3].endswith("s ago")
+    # Piped: an ISO-8601 UTC creation time and whether the room is protected, for scripts.
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", line[3]) and line[4] == "no"
 
 
 def test_create_json_prints_the_hub_body(hub: RunningHub) -> None:
@@ -80,7 +81,12 @@ def test_create_with_password_stdin(hub: RunningHub) -> None:
     assert r.returncode == 0, r.stderr
     code = r.stdout.strip()
     room = {r["code"]: r for r in json.loads(cli("list", "--hub", hub.url, "--json").stdout)["rooms"]}[code]
-    assert "password" not in json.dumps(room) and "s3cret" not in r.stderr + r.stdout
+    assert "s3cret" not in json.dumps(room) and "s3cret" not in r.stderr + r.stdout
+    assert room["passwordProtected"] is True
+    piped = {
+        line.split("\t")[0]: line.split("\t") for line in cli("list", "--hub", hub.url).stdout.splitlines()
+    }
+    assert piped[code][4] == "yes"  # protected rooms are marked
 
 
 def test_list_participants_piped_and_json(hub: RunningHub) -> None:
@@ -98,17 +104,23 @@ def test_list_participants_piped_and_json(hub: RunningHub) -> None:
     r = cli("list", code, "--hub", hub.url)
     assert r.returncode == 0, r.stderr
     cols = r.stdout.rstrip("\n").split("\t")
-    assert cols[:7] == [
+    # Piped: the whole id first, plain numbers (GB) and an ISO-8601 UTC time.
+    assert cols[:8] == [
+        "p1",
         "bob",
         "llama3.2:3b",
         "online",
         "NVIDIA H200",
-        "140 GB",
-        "64 GB",
+        "140",
+        "64",
         "http://10.0.0.2:11434",
     ]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", cols[8])
+    # --json keeps the hub's own objects, in the one {"participants": [...]} shape on both generations.
     raw = httpx.get(f"{hub.url}/rooms/{code}/participants", trust_env=False).json()
-    assert json.loads(cli("list", code, "--hub", hub.url, "--json").stdout) == raw
+    assert json.loads(cli("list", code, "--hub", hub.url, "--json", "--hub-api", "v0.1").stdout) == raw
+    v06 = httpx.get(f"{hub.url}/v1/rooms/{code}/participants", trust_env=False).json()["data"]
+    assert json.loads(cli("list", code, "--hub", hub.url, "--json").stdout) == {"participants": v06}
 
 
 def test_leave_removes_a_participant(hub: RunningHub) -> None:
@@ -158,7 +170,7 @@ def test_not_a_hub_is_exit_5() -> None:
     with StandIn() as llm:  # something that speaks HTTP, but not the hub API
         r = cli("list", "--hub", llm.url)
     assert r.returncode == 5
-    assert "not the hub API" in r.stderr or "unexpected shape" in r.stderr
+    assert "not a hub" in r.stderr or "not the hub API" in r.stderr
 
 
 def test_env_var_sets_the_hub(hub: RunningHub) -> None:
@@ -244,7 +256,7 @@ def test_list_watch_piped_repeats_and_ctrl_c_exits_zero(hub: RunningHub) -> None
     line = p.stdout.readline()
     while line == "\n":
         line = p.stdout.readline()
-    assert line.startswith("carol\tm\tonline")
+    assert line.startswith("w1\tcarol\tm\tonline")
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=30)
     assert p.returncode == 0, err

@@ -314,6 +314,33 @@ def test_announce_on_loopback_and_find_it_in_the_same_process(hub: RunningHub) -
     assert found.server.endswith(".local")
 
 
+def test_both_service_types_are_found_and_each_hubs_generation_shown(hub: RunningHub) -> None:
+    from tests.fake_gambi_v06 import FakeGambiV06
+
+    _need_multicast("127.0.0.1")
+    with FakeGambiV06() as fake:
+        v06 = Announcement(fake.port, host="127.0.0.1", service_type=discovery.V06_SERVICE_TYPE)
+        with Announcement(hub.port, host="127.0.0.1") as ours, v06:
+            assert v06.name == f"gambi-hub-{fake.port}"  # the name the renamed reference hub uses
+            assert ours.wait(WAIT_S) and v06.wait(WAIT_S), "an announcement never went out"
+            hubs = discovery.discover(1.0)
+            from tests.helpers import cli
+
+            listed = cli("hubs", "--timeout", "1.5")
+        assert listed.returncode == 0, listed.stderr
+        rows = {line.split("\t")[0]: line.split("\t") for line in listed.stdout.splitlines()}
+        assert rows[f"gambi-hub-{fake.port}"][2] == "v0.6"
+        assert rows[f"gambiarra-hub-{hub.port}"][2] == "v0.1 + v0.6"
+        found_v06 = [h for h in hubs if h.port == fake.port]
+        assert len(found_v06) == 1, [h.to_json() for h in hubs]
+        assert found_v06[0].name == f"gambi-hub-{fake.port}"
+        assert found_v06[0].service_type == "_gambi._tcp.local."
+        # The reference v0.6 hub 404s GET /health: it still answers, on /v1/health.
+        assert found_v06[0].healthy is True and found_v06[0].generation == "v0.6"
+        assert _mine(hubs, hub.port).generation == "both"
+        assert found_v06[0].to_json()["generation"] == "v0.6"
+
+
 def test_announce_on_the_wildcard_uses_the_lan_addresses() -> None:
     lan = discovery.local_ipv4_addresses()
     if not lan:

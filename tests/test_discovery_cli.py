@@ -112,6 +112,21 @@ def test_list_without_hub_falls_back_to_discovery(announced: tuple[str, int], ne
     assert "looking for one on the local network" in r.stderr and url in r.stderr
 
 
+def test_create_and_doctor_fall_back_the_same_way_and_suggest_llmroom_hub(
+    announced: tuple[str, int], net: list[str] | None
+) -> None:
+    url, port = announced
+    _alone(net, port, default_hub_too=True)
+    created = cli("create", "fallback room", prefix=net)
+    assert created.returncode == 0, created.stderr
+    assert "looking for one on the local network" in created.stderr
+    assert f"export LLMROOM_HUB={url}" in created.stderr
+    doctor = cli("doctor", "--json", "-e", "http://127.0.0.1:9", prefix=net)
+    report = json.loads(doctor.stdout)
+    assert report["hub"]["url"] == url and report["hub"]["reachable"] is True, doctor.stderr
+    assert f"export LLMROOM_HUB={url}" in doctor.stderr
+
+
 def test_no_hub_anywhere_is_exit_5(net: list[str] | None) -> None:
     _alone(net)
     r = cli("hubs", "--timeout", "0.5", prefix=net)

@@ -124,7 +124,7 @@ def test_serve_host_and_participant_timeout() -> None:
 
             def status() -> str:
                 out = cli("list", code, "--hub", url).stdout
-                return out.split("\t")[2] if out else ""
+                return out.split("\t")[3] if out else ""
 
             # --participant-timeout 0.5: offline soon after the beats stop (the default is 30 s).
             wait_for(lambda: status() == "offline", "the participant to be marked offline", timeout=20)
