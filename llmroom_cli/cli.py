@@ -789,7 +789,8 @@ def _watch(hub: "Hub", room: str | None, json_out: bool, wide: bool = False) -> 
                 try:
                     show()
                 except HubUnavailable as exc:
-                    _err(f"warning: {exc.message}; still trying")
+                    # A live table shows the warning under itself until the next good refresh.
+                    (watcher.warn if watcher is not None else _err)(f"warning: {exc.message}; still trying")
         finally:
             if watcher is not None:
                 watcher.close()

@@ -232,7 +232,9 @@ class HubClient:
         )
 
     def _unreachable(self, exc: Exception) -> HubUnavailable:
-        reason = str(exc) or type(exc).__name__
+        from llmroom_cli.http import in_words
+
+        reason = str(in_words(exc) if isinstance(exc, httpx.TransportError) else exc) or type(exc).__name__
         return HubUnavailable(f"cannot reach the hub at {self.base_url}: {reason}", _START_HINT)
 
     def _bad_shape(self, route: str) -> HubProtocolError:

@@ -269,7 +269,9 @@ def _probe_path(
             return None, f"GET {path} did not answer a JSON object"
         return rtt_ms, None
     except (OSError, http.client.HTTPException) as exc:
-        return None, str(exc) or type(exc).__name__
+        from llmroom_cli.errors import describe_os_error
+
+        return None, describe_os_error(exc, host, port)
     finally:
         conn.close()
 

@@ -446,7 +446,7 @@ class Watcher:
             caption = Text(
                 visible(f"{self.title} · {stamp}{' · ' + note if note else ''} · Ctrl-C to stop"), style="dim"
             )
-            parts: list[Any] = [build_table(self.columns, rows, dim), caption]
+            parts: list[Any] = [build_table(self.columns, rows, dim, width=self.live.console.width), caption]
             if self._warning:
                 parts.append(Text(visible(self._warning), style="yellow"))
             size = _terminal_size()
