@@ -919,7 +919,12 @@ ShareOpt = Annotated[
 ]
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n"
+    "  llmroom specs\n\n"
+    "  llmroom specs --share gpu,vram,ram    (what `join --share gpu,vram,ram` would send)\n\n"
+    "  llmroom specs --json | jq .gpu"
+)
 def specs(json_out: JsonOpt = False, share: ShareOpt = None, debug: DebugOpt = False) -> None:
     """Show this machine's specs: what `join` sends to the room (with --share: only those fields)."""
 
@@ -942,7 +947,11 @@ def specs(json_out: JsonOpt = False, share: ShareOpt = None, debug: DebugOpt = F
     _run(body, debug)
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n"
+    "  llmroom status\n\n"
+    "  llmroom status --json | jq '.[] | {room, state, requests_served}'"
+)
 def status(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
     """List the llmroom agents sharing on this machine (room, hub, state, uptime, requests)."""
 
@@ -977,7 +986,12 @@ def status(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
     _run(body, debug)
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n"
+    "  llmroom probe                              (search the usual local ports)\n\n"
+    "  llmroom probe http://localhost:8080\n\n"
+    "  llmroom probe http://localhost:8000 --api-key \"$VLLM_KEY\" --json"
+)
 def probe(
     url: Annotated[
         str | None,
