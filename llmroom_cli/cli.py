@@ -990,7 +990,7 @@ def status(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
     epilog="Examples:\n\n"
     "  llmroom probe                              (search the usual local ports)\n\n"
     "  llmroom probe http://localhost:8080\n\n"
-    "  llmroom probe http://localhost:8000 --api-key \"$VLLM_KEY\" --json"
+    '  llmroom probe http://localhost:8000 --api-key "$VLLM_KEY" --json'
 )
 def probe(
     url: Annotated[
