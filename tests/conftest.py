@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -53,6 +53,28 @@ def _no_agent_left_behind() -> Iterator[None]:
     from tests.helpers import Agent
 
     Agent.kill_all()
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A test that fails before it stops the process it started must not leave it running: an agent
+    left behind keeps retrying a hub that is gone for as long as the machine is up. Processes started
+    by wider-scoped fixtures (set up before this one) are not tracked."""
+    import subprocess
+
+    started: list[subprocess.Popen[Any]] = []
+
+    class Tracked(subprocess.Popen):  # type: ignore[type-arg]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(subprocess, "Popen", Tracked)
+    yield
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 @pytest.fixture
