@@ -872,6 +872,7 @@ def join(
         str | None,
         typer.Option(
             "--hub-api",
+            envvar="LLMROOM_HUB_API",
             metavar="v0.1|v0.6",
             help="Speak this hub API instead of detecting it.",
             show_default=False,

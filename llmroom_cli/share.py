@@ -269,6 +269,10 @@ class _Draining:
         self.drain_first = drain_first
         self.drained: bool | None = None
 
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (plan, status, pause/resume ...) is the session's own.
+        return getattr(self.inner, name)
+
     @property
     def stop(self) -> threading.Event:
         event: threading.Event = self.inner.stop
