@@ -254,6 +254,54 @@ def relay_binding(hub_url: str) -> tuple[str, set[str]]:
     return addr, peers
 
 
+class _CountingHandler:
+    """A tunnel handler that knows how many requests it is still answering (the relay core's slot is
+    free as soon as the server's answer is read; the last frames may still be on their way)."""
+
+    def __init__(self, handler: Callable[[dict[str, Any], Callable[[dict[str, Any]], None]], None]) -> None:
+        self.handler = handler
+        self._busy = 0
+        self._cv = threading.Condition()
+
+    def __call__(self, request: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> None:
+        with self._cv:
+            self._busy += 1
+        try:
+            self.handler(request, send)
+        finally:
+            with self._cv:
+                self._busy -= 1
+                self._cv.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+            return True
+
+
+# After the drain, how long the tunnel's writer gets to send the frames already queued (frames of at
+# most 1 MiB to a hub on the LAN: milliseconds), so an answer that finished is not cut by the close.
+FLUSH_S = 1.0
+
+
+def _flush_tunnel(session: Any, handler: _CountingHandler, timeout_s: float) -> None:
+    """Wait (bounded) until the tunnel has answered every request: the handlers are done and the
+    writer's queue is empty. The queue is TunnelSession's own (`_tunnel.outbox`): read, never changed."""
+    deadline = time.monotonic() + timeout_s
+    handler.wait_idle(timeout_s)
+    tunnel = getattr(session, "_tunnel", None)
+    outbox = getattr(tunnel, "outbox", None)
+    while outbox is not None and not outbox.empty() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    # The writer took the last frame off the queue; give its send a moment to reach the socket.
+    time.sleep(0.02)
+
+
 class _Draining:
     """The Lifecycle handed to run_session: the session, with a leave that stops the relay taking
     requests first and gives those in flight `drain_s` to finish.
@@ -262,11 +310,19 @@ class _Draining:
     relay drain afterwards; through the tunnel they drain first, as leaving closes the tunnel they
     answer through. With nothing in flight the drain returns at once, so leave stays within 3 s."""
 
-    def __init__(self, inner: Any, core: RelayCore, drain_s: float, drain_first: bool) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        core: RelayCore,
+        drain_s: float,
+        drain_first: bool,
+        handler: _CountingHandler | None = None,
+    ) -> None:
         self.inner = inner
         self.core = core
         self.drain_s = drain_s
         self.drain_first = drain_first
+        self.handler = handler
         self.drained: bool | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -316,6 +372,8 @@ class _Draining:
         if in_flight:
             self.inner.emit("draining", in_flight=in_flight, drain_s=self.drain_s)
         self.drained = self.core.drain(self.drain_s)
+        if in_flight and self.handler is not None:
+            _flush_tunnel(self.inner, self.handler, FLUSH_S)
 
     def leave(self) -> bool:
         self.core.stop_accepting()
@@ -683,16 +741,17 @@ def _new_session(
     if prep.how == "tunnel":
         from llmroom_cli.protocols.v06 import RelayHandler, TunnelSession, V06Client
 
+        handler = _CountingHandler(RelayHandler.from_core(core))
         tunnel = TunnelSession(
             V06Client(http, join_plan.hub_url),
             join_plan,
-            RelayHandler.from_core(core),
+            handler,
             emit,
             stop=threading.Event(),
             capabilities=capabilities,
             on_retry=on_retry,
         )
-        return _Draining(tunnel, core, plan.drain_s, drain_first=True)
+        return _Draining(tunnel, core, plan.drain_s, drain_first=True, handler=handler)
     from llmroom_cli.client import HubClient
     from llmroom_cli.session import Session
 
