@@ -515,7 +515,8 @@ class _Tracker:
             self._update(True, **changes)
 
     def served(self, count: int) -> None:
-        self._update(False, requests_served=count)
+        # One small file write per finished request: nothing next to an LLM answer, and `status` is exact.
+        self._update(True, requests_served=count)
 
     def _update(self, force: bool, **changes: Any) -> None:
         with self._lock, contextlib.suppress(OSError):
