@@ -58,6 +58,7 @@ CAPABILITY_PROBE_S = 5.0
 # Answers that mean "this route is not served here" to the capability probe (as the reference reads
 # them); any other status means the route exists (a 400 for the empty body is the usual answer).
 UNSUPPORTED_STATUSES = frozenset({401, 403, 404, 405, 501})
+CAPABILITY_BODY_BYTES = 64 * 1024
 CAPABILITY_ROUTES = (("chatCompletions", "/v1/chat/completions"), ("openResponses", "/v1/responses"))
 
 
@@ -221,6 +222,12 @@ def probe_capabilities(
                 timeout=httpx.Timeout(timeout_s),
             ) as response:
                 found[key] = "unsupported" if response.status_code in UNSUPPORTED_STATUSES else "supported"
+                # Read the (small) error body, bounded: a connection closed with unread bytes is reset.
+                read = 0
+                for piece in response.iter_raw():
+                    read += len(piece)
+                    if read > CAPABILITY_BODY_BYTES:
+                        break
         except httpx.HTTPError:
             found[key] = "unknown"
     return found
