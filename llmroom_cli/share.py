@@ -224,10 +224,11 @@ def probe_capabilities(
                 found[key] = "unsupported" if response.status_code in UNSUPPORTED_STATUSES else "supported"
                 # Read the (small) error body, bounded: a connection closed with unread bytes is reset.
                 read = 0
-                for piece in response.iter_raw():
-                    read += len(piece)
-                    if read > CAPABILITY_BODY_BYTES:
-                        break
+                with contextlib.suppress(httpx.StreamError):  # a body already read needs no reading
+                    for piece in response.iter_raw():
+                        read += len(piece)
+                        if read > CAPABILITY_BODY_BYTES:
+                            break
         except httpx.HTTPError:
             found[key] = "unknown"
     return found
