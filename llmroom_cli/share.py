@@ -567,7 +567,7 @@ def _run(plan: SharePlan, ui: ShareUI, cleanup: list[Callable[[], None]]) -> int
         if output is not None:
             output.close()
         leftover = None
-        if plan_ref and not phase["starting"]:
+        if plan_ref:
             p = plan_ref[0]
             leftover = (p.code, p.participant_id, p.hub_url)
         ui.exit_now(leftover)
