@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     import httpx
 
     from llmroom_cli.endpoints import ModelInfo, ServerInfo
-    from llmroom_cli.relay import RelayCore, ShareRelay, Traffic
+    from llmroom_cli.relay import RelayCore, Traffic
     from llmroom_cli.session import Lifecycle, Outcome
 
 HUB_APIS = ("v0.1", "v0.6")
@@ -620,26 +620,7 @@ def _run(plan: SharePlan, ui: ShareUI, cleanup: list[Callable[[], None]]) -> int
                 on_request=on_request,
                 on_server_down=server_down,
             )
-            relay: ShareRelay | None = None
-            if prep.how == "relay":
-                from llmroom_cli.relay import ShareRelay
-
-                bind_host, peers = relay_binding(hub_url)
-                relay = ShareRelay(core, bind_host, peers)
-                try:
-                    published = relay.start()
-                except OSError as exc:
-                    raise EndpointError(
-                        f"cannot listen on {bind_host} for the hub ({exc.strerror or exc})",
-                        "pass --direct to publish the server's own address instead",
-                    ) from None
-                cleanup.append(relay.stop)
-                ui.debug(f"share relay on {published}, open to {', '.join(sorted(peers))}")
-            elif prep.how == "direct":
-                assert prep.published is not None
-                published = prep.published
-            else:
-                published = plan.endpoint
+            published = _publish(prep, core, ui, cleanup, plan.endpoint)
             capabilities = None
             if prep.how == "tunnel":
                 capabilities = probe_capabilities(core_http, local, plan.credentials)
@@ -735,6 +716,32 @@ def _run(plan: SharePlan, ui: ShareUI, cleanup: list[Callable[[], None]]) -> int
     if outcome is not None and outcome.confirmed is False:
         ui.unconfirmed_leave(room, join_plan.participant_id, hub_url)
     return 0
+
+
+def _publish(
+    prep: Prepared, core: RelayCore, ui: ShareUI, cleanup: list[Callable[[], None]], endpoint: str
+) -> str:
+    """The endpoint URL the hub is given: the share relay's (started here, stopped by `cleanup`), the
+    checked direct address, or, through the tunnel, the server's own URL (the hub only shows it)."""
+    if prep.how == "direct":
+        assert prep.published is not None
+        return prep.published
+    if prep.how == "tunnel":
+        return endpoint
+    from llmroom_cli.relay import ShareRelay
+
+    bind_host, peers = relay_binding(prep.hub_url)
+    relay = ShareRelay(core, bind_host, peers)
+    try:
+        url = relay.start()
+    except OSError as exc:
+        raise EndpointError(
+            f"cannot listen on {bind_host} for the hub ({exc.strerror or exc})",
+            "pass --direct to publish the server's own address instead",
+        ) from None
+    cleanup.append(relay.stop)
+    ui.debug(f"share relay on {url}, open to {', '.join(sorted(peers))}")
+    return url
 
 
 def _new_session(
