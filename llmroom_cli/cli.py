@@ -101,6 +101,7 @@ ApiKeyOpt = Annotated[
     typer.Option(
         "--api-key",
         envvar="LLMROOM_API_KEY",
+        metavar="KEY",
         help="API key of your LLM server, sent as 'Authorization: Bearer KEY' to it only (never to the"
         " hub, never printed).",
         show_default=False,
