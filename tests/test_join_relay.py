@@ -201,13 +201,13 @@ def test_chat_through_the_relay_adds_the_key_streams_and_is_a_request_event(
     # The admin API is not reachable through the relay, even from an allowed peer.
     with httpx.Client(trust_env=False, timeout=5) as http:
         assert http.post(relay_url + "/api/pull", json={"name": "x"}).status_code == 404
+
     # The state file: both requests counted, and no key in it.
-    status = wait_for(
-        lambda: (r := cli("status", "--json", env=env)) and '"requests_served":2' in r.stdout.replace(" ", "") and r,
-        "status to count both requests",
-        poll=0.1,
-    )
-    assert KEY not in status.stdout
+    def status() -> str | None:
+        out = cli("status", "--json", env=env).stdout
+        return out if '"requests_served":2' in out.replace(" ", "") else None
+
+    assert KEY not in wait_for(status, "status to count both requests", poll=0.1)
     a.signal()
     assert a.finish() == 0, a.stderr
     assert KEY not in a.stderr and KEY not in "\n".join(a.raw)
