@@ -103,3 +103,19 @@ def test_forcing_v06_and_direct_on_a_v06_only_hub(fake: FakeGambiV06, gated: Gat
     assert a.wait_event("joined")["protocol"] == "v0.6"
     a.signal()
     assert a.finish() == 0, a.stderr
+
+
+def test_a_frozen_hub_still_lets_the_agent_leave_with_nothing_in_flight(
+    hub: RunningHub, gated: GatedLLM
+) -> None:
+    room = hub.state.create_room("r")["code"]
+    a = Agent(room, "--hub", hub.url, "-e", gated.url, "--api-key", KEY, "--json", "--interval", "0.2")
+    a.wait_event("heartbeat")
+    hub.fault = "freeze"
+    wait_for(lambda: hub.frozen_requests() > 0, "a heartbeat held by the frozen hub")
+    a.signal(signal.SIGTERM)
+    assert a.finish() == 0, a.stderr
+    assert a.events[-1]["event"] == "left" and a.events[-1]["confirmed"] is False
+    assert "draining" not in a.names()
+    assert "did not confirm the leave" in a.stderr
+    hub.fault = None
