@@ -310,6 +310,23 @@ def _flush_tunnel(session: Any, handler: _CountingHandler, timeout_s: float) -> 
     time.sleep(0.02)
 
 
+class _Reports:
+    """How many finished requests the run's `on_request` has reported (events out, state file written)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self.count += 1
+
+    def caught_up(self, core: Any) -> bool:
+        """Whether every request the core finished has been reported."""
+        traffic = core.traffic
+        return self.count >= int(traffic.served) + int(traffic.failed) + int(traffic.rejected)
+
+
 class _Draining:
     """The Lifecycle handed to run_session: the session, with a leave that stops the relay taking
     requests first and gives those in flight `drain_s` to finish.
@@ -325,8 +342,10 @@ class _Draining:
         drain_s: float,
         drain_first: bool,
         handler: _CountingHandler | None = None,
+        reports: _Reports | None = None,
     ) -> None:
         self.inner = inner
+        self.reports = reports
         self.core = core
         self.drain_s = drain_s
         self.drain_first = drain_first
@@ -382,6 +401,14 @@ class _Draining:
         self.drained = self.core.drain(self.drain_s)
         if in_flight and self.handler is not None:
             _flush_tunnel(self.inner, self.handler, FLUSH_S)
+        if in_flight:
+            # The core frees a request's slot just before it reports the request: let the last
+            # `request` event out before `left` (bounded: a report is a line of output).
+            deadline = time.monotonic() + FLUSH_S
+            while self.reports is not None and not self.reports.caught_up(self.core):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
 
     def leave(self) -> bool:
         self.core.stop_accepting()
@@ -565,7 +592,11 @@ def _run(plan: SharePlan, ui: ShareUI, cleanup: list[Callable[[], None]]) -> int
 
     def exit_now() -> None:
         if output is not None:
-            output.close()
+            # Closed on a thread of its own, waited for briefly: this runs in a signal handler, which
+            # may have interrupted the main thread inside the output's own lock (an event being drawn).
+            closer = threading.Thread(target=output.close, name="llmroom-close-output", daemon=True)
+            closer.start()
+            closer.join(0.5)
         leftover = None
         if plan_ref:
             p = plan_ref[0]
@@ -578,12 +609,16 @@ def _run(plan: SharePlan, ui: ShareUI, cleanup: list[Callable[[], None]]) -> int
 
     sessions: list[Any] = []
     tracker: _Tracker | None = None
+    reports = _Reports()
 
     def on_request(event: dict[str, Any]) -> None:
-        if sessions:
-            sessions[-1].emit("request", **event)
-        if tracker is not None:
-            tracker.served(core.traffic.served)
+        try:
+            if sessions:
+                sessions[-1].emit("request", **event)
+            if tracker is not None:
+                tracker.served(core.traffic.served)
+        finally:
+            reports.add()
 
     def server_down() -> None:
         for callback in list(plan.on_server_down):
@@ -661,6 +696,7 @@ def _run(plan: SharePlan, ui: ShareUI, cleanup: list[Callable[[], None]]) -> int
             prompts = 0
             while True:
                 session = _new_session(prep, http, join_plan, core, tracker, capabilities, retry_notice, plan)
+                session.reports = reports
                 sessions.append(session)
                 for hook in plan.on_session:
                     hook(core, session.inner)
