@@ -8,7 +8,6 @@ Heavy modules (httpx, rich, psutil, pynvml, the server) are imported inside the 
 them, so `llmroom --help` and `llmroom --version` stay fast.
 """
 
-import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -37,7 +36,7 @@ _ensure_std_streams()
 import typer  # noqa: E402
 
 from llmroom_cli import __version__  # noqa: E402
-from llmroom_cli.errors import EndpointError, InvalidPassword, LlmroomError, UsageError  # noqa: E402
+from llmroom_cli.errors import EndpointError, LlmroomError, UsageError  # noqa: E402
 from llmroom_cli.identity import default_nickname  # noqa: E402
 
 # Modules that only some commands need (json, threading, traceback, the option parsers) are imported
@@ -45,8 +44,6 @@ from llmroom_cli.identity import default_nickname  # noqa: E402
 DEFAULT_HUB = "http://localhost:3000"
 
 if TYPE_CHECKING:
-    import threading
-
     import httpx
 
     from llmroom_cli.client import HubClient
@@ -115,6 +112,54 @@ CodeArg = Annotated[
         show_default=False,
     ),
 ]
+
+
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="LLMROOM_API_KEY",
+        metavar="KEY",
+        help="API key of your LLM server, sent as 'Authorization: Bearer KEY' to it only (never to the"
+        " hub, never printed).",
+        show_default=False,
+        show_envvar=True,
+    ),
+]
+HeaderOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--header",
+        metavar="NAME=VALUE",
+        help="A header for your LLM server's requests, repeatable (visible in the process list: prefer"
+        " --header-env).",
+        show_default=False,
+    ),
+]
+HeaderEnvOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--header-env",
+        metavar="NAME=ENVVAR",
+        help="A header for your LLM server's requests, its value read from ENVVAR; repeatable.",
+        show_default=False,
+    ),
+]
+
+
+def _credentials(
+    api_key: str | None, header: list[str] | None, header_env: list[str] | None
+) -> dict[str, str]:
+    """The local server's credentials from the options (exit 2 for a bad one; values never shown),
+    registered as secrets for the --debug trace."""
+    from llmroom_cli.options import parse_headers
+
+    found = parse_headers(header or [], header_env or [], api_key)
+    for value in found.values():
+        _secrets.add(value)
+        if value.startswith("Bearer "):
+            _secrets.add(value[7:])
+    return found
 
 
 def _colour_ok(stream: Any) -> bool:
@@ -997,6 +1042,9 @@ def probe(
         str | None,
         typer.Argument(help="Server URL; without it, the usual local ports are tried.", show_default=False),
     ] = None,
+    api_key: ApiKeyOpt = None,
+    header: HeaderOpt = None,
+    header_env: HeaderEnvOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -1005,10 +1053,11 @@ def probe(
     def body() -> int:
         from llmroom_cli import endpoints
 
+        credentials = _credentials(api_key, header, header_env)
         if url is not None:
             base = endpoints.normalize_endpoint(url)
             http = _http(endpoints.probe_url(base))
-            servers = [endpoints.probe(http, base)]
+            servers = [endpoints.probe(http, base, credentials=credentials)]
         else:
             servers = endpoints.find_servers()  # every usual port at once, within a deadline
             if not servers:
@@ -1115,6 +1164,42 @@ def join(
     force: Annotated[
         bool, typer.Option("--force", help="Publish the endpoint even if the hub's side cannot reach it.")
     ] = False,
+    direct: Annotated[
+        bool,
+        typer.Option(
+            "--direct",
+            help="v0.1 hubs: publish your server's own address (checked to answer) instead of this"
+            " agent's relay; the hub then reaches every route of the server.",
+        ),
+    ] = False,
+    hub_api: Annotated[
+        str | None,
+        typer.Option(
+            "--hub-api",
+            envvar="LLMROOM_HUB_API",
+            metavar="v0.1|v0.6",
+            help="Speak this hub API instead of detecting it.",
+            show_default=False,
+        ),
+    ] = None,
+    api_key: ApiKeyOpt = None,
+    header: HeaderOpt = None,
+    header_env: HeaderEnvOpt = None,
+    max_concurrent: Annotated[
+        int | None,
+        typer.Option(
+            "--max-concurrent",
+            metavar="N",
+            help="Requests served at once, 429 beyond [default: 4: llama-server's default parallel slots"
+            " and Ollama's default; more would only queue in the server while a 429 lets the hub pick"
+            " another participant].",
+            show_default=False,
+        ),
+    ] = None,
+    drain: Annotated[
+        float,
+        typer.Option("--drain", metavar="SECONDS", help="On leave, how long requests in flight may finish."),
+    ] = 10.0,
     json_out: Annotated[bool, typer.Option("--json", help="JSON-lines events on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
     debug: DebugOpt = False,
@@ -1145,24 +1230,33 @@ def join(
             ep = endpoints.normalize_endpoint(endpoint)
             if advertise is not None:
                 endpoints.normalize_endpoint(advertise)
-            secret = _resolve_password(password_stdin, password)
-            return _join_flow(
+            from llmroom_cli.share import SharePlan, run_share
+
+            plan = SharePlan(
                 room,
                 hub_url,
                 ep,
-                model,
                 nick,
-                secret,
-                cfg,
-                no_specs,
-                participant_id,
-                interval,
-                wait,
-                mode,
+                model=model,
+                config=cfg,
+                no_specs=no_specs,
+                participant_id=participant_id,
+                interval_s=interval,
+                wait=wait,
+                mode=mode,
                 advertise=advertise,
                 force=force,
                 implicit_hub=hub is None,
+                direct=direct,
+                hub_api=hub_api,
+                credentials=_credentials(api_key, header, header_env),
+                drain_s=drain,
             )
+            if max_concurrent is not None:
+                plan.max_concurrent = max_concurrent
+            plan.check()
+            plan.password = _resolve_password(password_stdin, password)
+            return run_share(plan, _CliUI())
         except LlmroomError as exc:
             if mode == "json":
                 _emit_json_error(exc.exit_code, exc.message)
@@ -1206,265 +1300,54 @@ def _password_from(password_stdin: bool, password: str | None) -> str | None:
     return os.environ.get("LLMROOM_PASSWORD") or None
 
 
-def _prepare_share(
-    http: "httpx.Client",
-    hub_url: str,
-    ep: str,
-    model: str | None,
-    no_specs: bool,
-    wait: bool,
-    mode: str,
-    advertise: str | None = None,
-    force: bool = False,
-    implicit_hub: bool = False,
-) -> tuple[str, str, str, dict[str, Any] | None, str | None]:
-    """Check the endpoint, pick the model and the URL the hub can reach it at, while the specs are
-    detected in parallel. Returns (model, published endpoint, hub URL, specs, and the name of the hub
-    when the implicit fallback found it on the local network)."""
-    import threading
+class _CliUI:
+    """The interactive bits of a share run (share.ShareUI): terminal questions and stderr lines."""
 
-    from llmroom_cli import endpoints
+    def interactive(self) -> bool:
+        return sys.stdin.isatty() and sys.stderr.isatty()
 
-    found: dict[str, Any] = {}
+    def message(self, text: str) -> None:
+        _err(text)
 
-    def detect() -> None:
-        from llmroom_cli.specs import detect_specs
+    def debug(self, text: str) -> None:
+        _debug(text)
 
-        found["specs"] = detect_specs(_debug if _state["debug"] else None).data
+    def secret(self, value: str) -> None:
+        if value:
+            _secrets.add(value)
 
-    detector = None
-    if not no_specs:
-        detector = threading.Thread(target=detect, name="llmroom-specs", daemon=True)
-        detector.start()
-    target = endpoints.probe_url(ep)
-    info = endpoints.probe(http, target)
-    if info.status == "loading":
-        if not wait:
-            raise EndpointError(f"the LLM server at {ep} is still loading a model", "wait, or pass --wait")
-        import time
+    def choose_model(self, models: "list[ModelInfo]") -> "ModelInfo":
+        return _ask_model(models)
 
-        if mode != "json" and mode != "quiet":
-            _err(f"waiting for the LLM server at {ep} to finish loading ...")
-        while info.status == "loading":
-            time.sleep(1.0)
-            info = endpoints.probe(http, target)
-    interactive = sys.stdin.isatty() and sys.stderr.isatty() and mode != "json"
-    chosen = endpoints.choose_model(info, model, _ask_model if interactive else None)
-    lan_hub = None
-    if implicit_hub:
-        hub_url, lan_hub = _fallback_named(http, hub_url)
-    from llmroom_cli.reach import publishable_endpoint
+    def ask_password(self, prompt: str) -> str:
+        import getpass
 
-    publication = publishable_endpoint(http, ep, hub_url, info.kind, advertise=advertise, force=force)
-    if publication.warning:
-        _err(f"warning: {publication.warning}")
-    elif publication.rewritten and mode not in ("json", "quiet"):
-        _err(f"publishing {publication.url} (the address the hub reaches this machine at)")
-    specs: dict[str, Any] | None = None
-    if detector is not None:
-        detector.join(timeout=5.0)
-        specs = dict(found.get("specs") or {})
-        llm = endpoints.llm_specs(info, chosen)
-        if llm:
-            specs["llm"] = llm
-    return chosen.id, publication.url, hub_url, specs, lan_hub
+        return getpass.getpass(prompt)
 
+    def find_hub(self, http: "httpx.Client", hub_url: str) -> tuple[str, str | None]:
+        return _fallback_named(http, hub_url)
 
-def _state_tracker(
-    output: Callable[[dict[str, Any]], None], state_file: Any
-) -> Callable[[dict[str, Any]], None]:
-    """`output` plus the agent's state file kept in step with the session's events (a state file that
-    cannot be written never disturbs the join)."""
-    states = {"joined": "online", "online": "online", "rejoined": "online", "reconnecting": "reconnecting"}
+    def password_for_lan_hub(self, lan_hub: str, secret: str | None, interactive: bool) -> str | None:
+        return _password_for_lan_hub(lan_hub, secret, interactive)
 
-    def emit(event: dict[str, Any]) -> None:
-        output(event)
-        name = event.get("event")
-        changes: dict[str, Any] = {}
-        if name in states:
-            changes["state"] = states[str(name)]
-        if name == "reconnecting":
-            changes["last_error"] = event.get("reason")
-        elif name in ("online", "rejoined"):
-            changes["last_error"] = None
-        if changes:
-            with contextlib.suppress(OSError):
-                state_file.update(force=True, **changes)
+    def exit_now(self, leftover: tuple[str, str, str] | None) -> None:
+        line = "interrupted again: exiting without waiting for the hub"
+        if leftover is not None:
+            line += f"; if it still lists you, run: {_leave_command(*leftover)}"
+        _err(line)
+        os._exit(130)
 
-    return emit
+    def unconfirmed_leave(self, room: str, participant_id: str, hub_url: str) -> None:
+        _err(
+            f"warning: the hub at {hub_url} did not confirm the leave; if it still lists you, run: "
+            + _leave_command(room, participant_id, hub_url)
+        )
 
-
-def _join_flow(
-    room: str,
-    hub_url: str,
-    ep: str,
-    model: str | None,
-    nick: str,
-    secret: str | None,
-    cfg: dict[str, Any] | None,
-    no_specs: bool,
-    participant_id: str | None,
-    interval: float,
-    wait: bool,
-    mode: str,
-    on_started: Callable[[], None] | None = None,
-    wake: "threading.Event | None" = None,
-    output_hook: Callable[[Any], None] | None = None,
-    advertise: str | None = None,
-    force: bool = False,
-    implicit_hub: bool = False,
-) -> int:
-    """Everything `join` does after parsing; `demo` runs it too. While it runs, a state file tells
-    `llmroom status` about it; the file goes when it ends, however it ends."""
-    state_files: list[Any] = []  # removed however the run ends
-    try:
-        import threading
-        import time
-
-        from llmroom_cli import endpoints
-        from llmroom_cli.agents import AgentState, StateFile
-        from llmroom_cli.client import HubClient
-        from llmroom_cli.errors import RoomNotFound
-        from llmroom_cli.identity import stable_participant_id
-        from llmroom_cli.render import JoinOutput
-        from llmroom_cli.session import Interrupted, JoinPlan, Session, capture_signals, run_session
-
-        wake = wake or threading.Event()
-        phase = {"starting": True}
-
-        def exit_now() -> None:
-            if output is not None:
-                output.close()
-            line = "interrupted again: exiting without waiting for the hub"
-            if plan_ref:
-                p = plan_ref[0]
-                line += f"; if it still lists you, run: {_leave_command(p.code, p.participant_id, p.hub_url)}"
-            _err(line)
-            os._exit(130)
-
-        plan_ref: list[Any] = []
-        lan_hub: str | None = None
-        withheld = False
-
-        def retry_notice(reason: str, remaining_s: float) -> None:
-            if mode != "quiet":
-                _err(f"{reason}; retrying for up to {remaining_s:.0f} s ...")
-
-        output: JoinOutput | None = None
-        try:
-            with capture_signals(wake, exit_now, interrupt=lambda: phase["starting"]) as received:
-                # Every URL this run may call: an https one among them (say --advertise) gets real
-                # certificate verification.
-                http = _http(hub_url, endpoints.probe_url(ep), *([advertise] if advertise else []))
-                chosen, published, hub_url, specs, lan_hub = _prepare_share(
-                    http, hub_url, ep, model, no_specs, wait, mode, advertise, force, implicit_hub
-                )
-                withheld = False
-                if lan_hub is not None and secret:
-                    interactive = sys.stdin.isatty() and sys.stderr.isatty() and mode != "json"
-                    secret = _password_for_lan_hub(lan_hub, secret, interactive)
-                    withheld = secret is None
-                pid = participant_id or stable_participant_id(
-                    hub_url, room, ep, lambda m: _err(f"warning: {m}")
-                )
-                plan = JoinPlan(hub_url, room, pid, nick, chosen, published, secret, specs, cfg, interval)
-                plan_ref.append(plan)
-                info = {
-                    "room": room,
-                    "hub": hub_url,
-                    "nickname": nick,
-                    "model": chosen,
-                    "endpoint": published,
-                    "id": pid,
-                }
-                output = JoinOutput(mode, info)
-                output.on_broken = wake.set
-                if output_hook is not None:
-                    output_hook(output)
-                client = HubClient(http, hub_url)
-                state_file = StateFile(
-                    AgentState(os.getpid(), room, hub_url, "starting", time.time(), participant_id=pid)
-                )
-                state_files.append(state_file)
-                with contextlib.suppress(OSError):
-                    state_file.update(force=True)
-                emit = _state_tracker(output, state_file)
-                prompts = 0
-                while True:
-                    session = Session(client, plan, emit, stop=threading.Event(), on_retry=retry_notice)
-                    output.status = session.status
-                    # From here on the join may reach the hub: a signal sets `wake`, and the session leaves.
-                    phase["starting"] = False
-                    if wake.is_set():
-                        break
-                    outcome = run_session(session, wake, on_started)
-                    error = outcome.error
-                    can_prompt = sys.stdin.isatty() and not received and mode != "json" and prompts < 3
-                    if isinstance(error, InvalidPassword) and can_prompt:
-                        import getpass
-
-                        prompts += 1
-                        where = f" on hub {lan_hub} (found on the local network)" if lan_hub else ""
-                        _err(f"room {room}{where} is protected" if prompts == 1 else "wrong password")
-                        phase["starting"] = True  # a Ctrl-C at the prompt just ends the command
-                        plan.password = getpass.getpass("Room password: ")
-                        if plan.password:
-                            _secrets.add(plan.password)
-                        wake.clear()
-                        continue
-                    break
-        except Interrupted:
-            if output is not None:
-                output.close()
-            if mode != "quiet":
-                _err("interrupted before joining: nothing to leave")
-            return 0
-        if wake.is_set() and not session.join_maybe_sent:
-            output.close()
-            return 0
-        output.close()
-        # Issue 14 item 10: a stop before the hub confirmed the join (Ctrl-C during the start-up retry
-        # against a hub that is down) joined nothing: no leave warning. session.py's Outcome decides
-        # what happened; this only words it. Exit 0, as for every stop by signal that leaves nothing.
-        if outcome.stopped_before_joining:
-            if outcome.left_behind:
-                _err(
-                    f"warning: stopped before joining, but a join request may have reached the hub at"
-                    f" {hub_url}; if it lists you, run: {_leave_command(room, plan.participant_id, hub_url)}"
-                )
-            elif mode != "quiet":
-                why = "" if outcome.reached_hub else f" (the hub at {hub_url} never answered)"
-                _err(f"stopped before joining{why}: nothing to leave")
-            return 0
-        if error is not None:
-            if isinstance(error, InvalidPassword) and not plan.password and withheld:
-                raise InvalidPassword(
-                    f"room {room} on hub {lan_hub} is protected, and the password was not sent to a hub"
-                    " found on the local network",
-                    f"name the hub to send it: --hub {hub_url}",
-                )
-            if isinstance(error, InvalidPassword) and not plan.password:
-                raise InvalidPassword(
-                    f"room {room} is protected and no password was given",
-                    "give it with --password-stdin or LLMROOM_PASSWORD",
-                )
-            if isinstance(error, RoomNotFound) and session.joined:
-                raise RoomNotFound(
-                    f"room {room} is gone from {hub_url}",
-                    "the hub restarted or the room was removed: create or pick a room and join again",
-                )
-            if isinstance(error, LlmroomError):
-                raise error
-            raise error
-        if outcome.confirmed is False:
-            _err(
-                f"warning: the hub at {hub_url} did not confirm the leave; if it still lists you, run: "
-                + _leave_command(room, plan.participant_id, hub_url)
-            )
-        return 0
-    finally:
-        for state_file in state_files:
-            state_file.remove()
+    def join_may_have_landed(self, room: str, participant_id: str, hub_url: str) -> None:
+        _err(
+            f"warning: stopped before joining, but a join request may have reached the hub at {hub_url};"
+            f" if it lists you, run: {_leave_command(room, participant_id, hub_url)}"
+        )
 
 
 # -- hubs -------------------------------------------------------------------------------------------
@@ -1548,6 +1431,9 @@ def doctor(
     advertise: Annotated[
         str | None, typer.Option("--advertise", help="The URL you would publish instead.", show_default=False)
     ] = None,
+    api_key: ApiKeyOpt = None,
+    header: HeaderOpt = None,
+    header_env: HeaderEnvOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -1575,7 +1461,16 @@ def doctor(
                 hub_url = _fallback_named(http, hub_url, forced)[0]
             except HubUnavailable:
                 pass
-        report = build_report(http, hub_url, ep, advertise=advertise, hub_api=forced, user_config=user_config)
+        credentials = _credentials(api_key, header, header_env)
+        report = build_report(
+            http,
+            hub_url,
+            ep,
+            advertise=advertise,
+            hub_api=forced,
+            user_config=user_config,
+            credentials=credentials,
+        )
         if json_out:
             _print_json(report.data)
         else:
@@ -1612,7 +1507,7 @@ def demo(
     def body() -> int:
         from llmroom_cli.demo import run_demo
 
-        return run_demo(duration, endpoint, interval, _join_flow, _err)
+        return run_demo(duration, endpoint, interval, _CliUI())
 
     raise typer.Exit(_run(body, debug))
 

@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmroom_cli.errors import LlmroomError
 from llmroom_cli.identity import default_nickname
 
+if TYPE_CHECKING:
+    from llmroom_cli.share import ShareUI
+
 PROMPT = "Say hello to the room in one sentence."
 
 
-def run_demo(
-    duration_s: float,
-    endpoint: str | None,
-    interval_s: float,
-    join_flow: Callable[..., int],
-    err: Callable[[str], None],
-) -> int:
+def run_demo(duration_s: float, endpoint: str | None, interval_s: float, ui: ShareUI) -> int:
+    """Run the demo; the participant is a `share.run_share` like `llmroom join`'s."""
     from llmroom_cli import render
     from llmroom_cli.client import HubClient
     from llmroom_cli.endpoints import normalize_endpoint
@@ -66,23 +63,20 @@ def run_demo(
             wake.wait(duration_s)
             wake.set()
 
-        return join_flow(
+        from llmroom_cli.share import SharePlan, run_share
+
+        plan = SharePlan(
             room,
             hub.url,
             ep,
-            None,
             default_nickname(),
-            None,
-            None,
-            False,
-            None,
-            interval_s,
-            False,
-            mode,
+            interval_s=interval_s,
+            mode=mode,
             on_started=lambda: threading.Thread(target=script, name="llmroom-demo", daemon=True).start(),
             wake=wake,
             output_hook=outputs.append,
         )
+        return run_share(plan, ui)
     finally:
         hub.stop()
         if standin is not None:

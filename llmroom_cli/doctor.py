@@ -89,6 +89,7 @@ def build_report(
     now_ms: Callable[[], int] = _now_ms,
     *,
     api_key: str | None = None,
+    credentials: Mapping[str, str] | None = None,
     advertise: str | None = None,
     candidates: Sequence[str] | None = None,
     detect_specs: Callable[[], MachineSpecs] | None = None,
@@ -115,7 +116,7 @@ def build_report(
         data["os"] = {"system": platform.system(), "release": platform.release()}
         checks.append(Check("OS", True, f"{data['os']['system']} {data['os']['release']}".strip()))
 
-        servers, server_checks = _servers(http, endpoint, api_key, candidates)
+        servers, server_checks = _servers(http, endpoint, api_key, candidates, credentials)
         hub_check, data["hub"] = _hub(http, hub_url, now_ms, hub_api)
         pub_check, data["publication"] = _publication(http, servers, endpoint, hub_url, advertise)
 
@@ -168,13 +169,17 @@ def _describe_server(info: ServerInfo) -> Check:
 
 
 def _servers(
-    http: httpx.Client, endpoint: str | None, api_key: str | None, candidates: Sequence[str] | None
+    http: httpx.Client,
+    endpoint: str | None,
+    api_key: str | None,
+    candidates: Sequence[str] | None,
+    credentials: Mapping[str, str] | None = None,
 ) -> tuple[list[ServerInfo], list[Check]]:
     try:
         from llmroom_cli.endpoints import LOCAL_CANDIDATES, probe, probe_local
 
         if endpoint is not None:
-            servers = [probe(http, endpoint, api_key)]
+            servers = [probe(http, endpoint, api_key, credentials=credentials)]
         else:
             where = LOCAL_CANDIDATES if candidates is None else candidates
             servers = probe_local(http, where)

@@ -34,8 +34,20 @@ def room(hub: RunningHub) -> str:
     return code
 
 
+@pytest.fixture(autouse=True)
+def _v01(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These are the v0.1 lifecycle's tests: our hub speaks both, so the agent is told which (the v0.6
+    join is tested in test_join_v06.py); every agent started here inherits it."""
+    monkeypatch.setenv("LLMROOM_HUB_API", "v0.1")
+
+
 def agent(hub: RunningHub, llm: StandIn, room: str, *extra: str, **kw: str) -> Agent:
     return Agent(room, "--hub", hub.url, "-e", llm.url, "--json", "--interval", INTERVAL, *extra, **kw)  # type: ignore[arg-type]
+
+
+def relayed(endpoint: object, llm: StandIn) -> bool:
+    """The published endpoint is the agent's share relay on loopback, not the server itself."""
+    return isinstance(endpoint, str) and endpoint.startswith("http://127.0.0.1:") and endpoint != llm.url
 
 
 def listed(hub: RunningHub, room: str) -> list[dict[str, object]]:
@@ -46,7 +58,7 @@ def listed(hub: RunningHub, room: str) -> list[dict[str, object]]:
 def test_join_heartbeat_and_leave_on_signal(hub: RunningHub, llm: StandIn, room: str, sig: int) -> None:
     a = agent(hub, llm, room, "--nickname", "alice")
     joined = a.wait_event("joined")
-    assert joined["room"] == room and joined["model"] == MODEL and joined["endpoint"] == llm.url
+    assert joined["room"] == room and joined["model"] == MODEL and relayed(joined["endpoint"], llm)
     assert joined["nickname"] == "alice" and isinstance(joined["specs"], dict)
     assert joined["specs"]["llm"]["server"] == "ollama" and joined["specs"]["ram"] > 0
     beat = a.wait_event("heartbeat", count=3)
@@ -424,7 +436,8 @@ def test_loading_server_is_exit_6_or_waited_for(hub: RunningHub, room: str) -> N
         wait_for(lambda: len(server.requests) > seen + 4, "the agent to poll the loading server")
         assert hub.requests_seen() == 0
         server.set_ready()
-        assert a.wait_event("joined")["endpoint"] == server.url
+        endpoint = a.wait_event("joined")["endpoint"]
+        assert endpoint.startswith("http://127.0.0.1:") and endpoint != server.url  # the share relay
         a.signal()
         assert a.finish() == 0
 
@@ -475,7 +488,7 @@ def test_id_config_no_specs_env_defaults_and_quiet_reach_the_hub(
     wait_for(lambda: listed(hub, room), "the participant to join")
     (part,) = listed(hub, room)
     assert part["id"] == "fixed-id-1" and part["nickname"] == "env-nick" and part["model"] == MODEL
-    assert part["endpoint"] == llm.url and "specs" not in part
+    assert relayed(part["endpoint"], llm) and "specs" not in part
     assert part["config"] == {
         "top_p": 0.9,
         "stop": ["END"],

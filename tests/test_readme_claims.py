@@ -29,7 +29,7 @@ def net() -> Iterator[list[str]]:
 INTERVAL_PROBE = (
     "import sys\n"
     "from llmroom_cli import session\n"
-    "def run_session(s, wake, on_started=None):\n"
+    "def run_session(s, wake, on_started=None, **kw):\n"
     "    first = session.Schedule(0.0, s.plan.interval_s).next_deadline(0.0)\n"
     "    print('interval', s.plan.interval_s, 'first beat at', first, flush=True)\n"
     "    return session.Outcome()\n"
