@@ -609,6 +609,7 @@ def _run(plan: SharePlan, ui: ShareUI, cleanup: list[Callable[[], None]]) -> int
         ui.exit_now(leftover)
 
     def retry_notice(reason: str, remaining_s: float) -> None:
+        phase["retried"] = True
         if plan.mode != "quiet":
             ui.message(f"{reason}; retrying for up to {remaining_s:.0f} s ...")
 
@@ -728,7 +729,8 @@ def _run(plan: SharePlan, ui: ShareUI, cleanup: list[Callable[[], None]]) -> int
         if output is not None:
             output.close()
         if plan.mode != "quiet":
-            ui.message("interrupted before joining: nothing to leave")
+            why = f" (the hub at {plan.hub_url} never answered)" if phase.get("retried") else ""
+            ui.message(f"stopped before joining{why}: nothing to leave")
         return 0
     assert output is not None and session is not None
     output.close()

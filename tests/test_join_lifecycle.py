@@ -378,7 +378,7 @@ def test_signal_during_startup_exits_zero_and_sends_nothing(hub: RunningHub, roo
         a.signal(sig)
         assert a.finish() == 0, a.stderr
         conn.close()
-    assert "interrupted before joining" in a.stderr and "Traceback" not in a.stderr
+    assert "stopped before joining" in a.stderr and "Traceback" not in a.stderr
     assert a.events == []
     assert hub.requests_seen() == 0
 
