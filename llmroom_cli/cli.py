@@ -1200,6 +1200,15 @@ def join(
         float,
         typer.Option("--drain", metavar="SECONDS", help="On leave, how long requests in flight may finish."),
     ] = 10.0,
+    pause_when_busy: Annotated[
+        bool,
+        typer.Option(
+            "--pause-when-busy",
+            help="Leave the room's rotation while other processes use this machine's GPU (>= 20%"
+            " utilisation or >= 1 GiB of its memory) and come back when they have stopped (< 10% and"
+            " < 512 MiB, twice in a row).",
+        ),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="JSON-lines events on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
     debug: DebugOpt = False,
@@ -1251,6 +1260,7 @@ def join(
                 hub_api=hub_api,
                 credentials=_credentials(api_key, header, header_env),
                 drain_s=drain,
+                pause_when_busy=pause_when_busy,
             )
             if max_concurrent is not None:
                 plan.max_concurrent = max_concurrent

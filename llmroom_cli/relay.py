@@ -142,6 +142,10 @@ class StreamBroken(EndpointError):
     """The local server died, stalled past a deadline or sent garbage in the middle of an answer."""
 
 
+# A model list is a few KiB; a ping reads at most this much of it.
+PING_READ_MAX_BYTES = 256 * 1024
+
+
 @dataclass
 class Traffic:
     """Counters for the panel and `status`: a snapshot is a copy, safe to read from any thread.
@@ -741,7 +745,13 @@ class RelayCore:
                 timeout=httpx.Timeout(timeout_s),
             ) as response:
                 # Any answer but a 5xx (llama.cpp's 503 while loading) is a live server; a 401
-                # is a wrong key, which pausing would not fix.
+                # is a wrong key, which pausing would not fix. The (small) answer is read, bounded,
+                # so the connection goes back to the pool instead of being reset under the server.
+                read = 0
+                for piece in response.iter_raw():
+                    read += len(piece)
+                    if read > PING_READ_MAX_BYTES:
+                        break
                 return response.status_code < 500
         except httpx.PoolTimeout:
             # Every connection of the pool is one of our requests in flight: the server took them.

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from llmroom_cli.endpoints import ModelInfo, ServerInfo
     from llmroom_cli.relay import RelayCore, Traffic
     from llmroom_cli.session import Lifecycle, Outcome
+    from llmroom_cli.watch import ServerWatch
 
 HUB_APIS = ("v0.1", "v0.6")
 # On leave, requests in flight get this long to finish: a typical chat answer streams within it.
@@ -142,6 +143,7 @@ class SharePlan:
     credentials: dict[str, str] = field(default_factory=dict, repr=False)
     max_concurrent: int | None = None  # None: relay.DEFAULT_MAX_CONCURRENT
     drain_s: float = DEFAULT_DRAIN_S
+    pause_when_busy: bool = False
     on_started: Callable[[], None] | None = None
     wake: threading.Event | None = None
     output_hook: Callable[[Any], None] | None = None
@@ -534,7 +536,14 @@ class _Tracker:
     """The session's events to the output, and the agent's state file kept in step with them and with
     the relay's traffic (a state file that cannot be written never disturbs the join)."""
 
-    STATES = {"joined": "online", "online": "online", "rejoined": "online", "reconnecting": "reconnecting"}
+    STATES = {
+        "joined": "online",
+        "online": "online",
+        "rejoined": "online",
+        "reconnecting": "reconnecting",
+        "paused": "paused",
+        "resumed": "online",
+    }
 
     def __init__(self, output: Callable[[dict[str, Any]], None], state_file: Any) -> None:
         self.output = output
@@ -549,7 +558,9 @@ class _Tracker:
             changes["state"] = self.STATES[str(name)]
         if name == "reconnecting":
             changes["last_error"] = event.get("reason")
-        elif name in ("online", "rejoined"):
+        elif name == "paused":  # `status` says why in its last-problem column
+            changes["last_error"] = f"paused: {event.get('reason')}"
+        elif name in ("online", "rejoined", "resumed"):
             changes["last_error"] = None
         if changes:
             self._update(True, **changes)
@@ -610,6 +621,8 @@ def _run(plan: SharePlan, ui: ShareUI, cleanup: list[Callable[[], None]]) -> int
 
     def retry_notice(reason: str, remaining_s: float) -> None:
         phase["retried"] = True
+        if output is not None and output.retrying(reason, remaining_s):
+            return  # a live spinner line counts the seconds down
         if plan.mode != "quiet":
             ui.message(f"{reason}; retrying for up to {remaining_s:.0f} s ...")
 
@@ -687,8 +700,7 @@ def _run(plan: SharePlan, ui: ShareUI, cleanup: list[Callable[[], None]]) -> int
                 "endpoint": published,
                 "id": pid,
             }
-            # wire: JoinOutput(traffic=traffic_source(core)) once the panel takes a traffic source
-            output = JoinOutput(plan.mode, info)
+            output = JoinOutput(plan.mode, info, traffic=traffic_source(core))
             output.on_broken = wake.set
             if plan.output_hook is not None:
                 plan.output_hook(output)
@@ -711,7 +723,19 @@ def _run(plan: SharePlan, ui: ShareUI, cleanup: list[Callable[[], None]]) -> int
                 phase["starting"] = False
                 if wake.is_set():
                     break
-                outcome = _run_lifecycle(session, wake, plan.on_started, prep.how == "tunnel")
+                watch = _server_watch(plan, core, session.inner, ui)
+                plan.on_server_down.append(watch.server_down)
+
+                def started(watch: ServerWatch = watch) -> None:
+                    watch.start()
+                    if plan.on_started is not None:
+                        plan.on_started()
+
+                try:
+                    outcome = _run_lifecycle(session, wake, started, prep.how == "tunnel")
+                finally:
+                    plan.on_server_down.remove(watch.server_down)
+                    watch.close()
                 error = outcome.error
                 can_prompt = ui.interactive() and not received and plan.mode != "json" and prompts < 3
                 if isinstance(error, InvalidPassword) and can_prompt:
@@ -719,6 +743,7 @@ def _run(plan: SharePlan, ui: ShareUI, cleanup: list[Callable[[], None]]) -> int
                     where = f" on hub {lan_hub} (found on the local network)" if lan_hub else ""
                     ui.message(f"room {room}{where} is protected" if prompts == 1 else "wrong password")
                     phase["starting"] = True  # a Ctrl-C at the prompt just ends the command
+                    output.end_retry()  # no spinner drawn over the question
                     join_plan.password = ui.ask_password("Room password: ")
                     if join_plan.password:
                         ui.secret(join_plan.password)
@@ -769,6 +794,24 @@ def _run(plan: SharePlan, ui: ShareUI, cleanup: list[Callable[[], None]]) -> int
     if outcome is not None and outcome.confirmed is False:
         ui.unconfirmed_leave(room, join_plan.participant_id, hub_url)
     return 0
+
+
+def _server_watch(plan: SharePlan, core: RelayCore, session: Any, ui: ShareUI) -> ServerWatch:
+    """What pauses the participant while the local server does not answer (a ping each interval, and
+    at once when a relayed request cannot connect) or, with --pause-when-busy, while other processes
+    use the GPU; started once the session has joined."""
+    from llmroom_cli.watch import ServerWatch, server_pids
+
+    endpoint = plan.endpoint
+    return ServerWatch(
+        session,
+        lambda: core.ping(timeout_s=1.0),
+        interval_s=plan.interval_s,
+        pause_when_busy=plan.pause_when_busy,
+        server_pids=lambda: server_pids(endpoint),
+        note=lambda text: ui.message(f"note: {text}") if plan.mode != "quiet" else None,
+        server=f"the local LLM server at {endpoint}",
+    )
 
 
 def _publish(
