@@ -683,7 +683,8 @@ class JoinOutput:
         if name == "joined":
             return (
                 f"joined room {event['room']} on {event['hub']} as {event['nickname']} "
-                f"sharing {event['model']} from {event['endpoint']} (id {event['id']})"
+                f"sharing {event['model']} from {event['endpoint']} (id {event['id']}); the room's"
+                f" OpenAI-compatible API: {room_url(str(event['hub']), str(event['room']))}"
             )
         if name == "reconnecting":
             if event.get("attempt") == 1:
@@ -898,6 +899,8 @@ class JoinOutput:
         and URLs, the widest counters), never by a status message, which wraps inside instead."""
         values = [len(visible(str(self.info.get(k, "-")))) for k in ("room", "hub", "nickname", "model")]
         values += [len(visible(str(self.info.get(k, "-")))) for k in ("endpoint", "id")]
+        if self.info.get("hub") and self.info.get("room"):
+            values.append(len(visible(room_url(self.info["hub"], self.info["room"]))))
         natural = _FRAME_W + _KEY_W + max([_RESERVED_VALUE_W, *values])
         return max(1, min(columns, natural))
 
@@ -914,6 +917,9 @@ class JoinOutput:
         grid.add_column(overflow="fold")
         for key in ("room", "hub", "nickname", "model", "endpoint", "id"):
             grid.add_row(key, Text(visible(str(self.info.get(key, "-")))))
+        if self.info.get("hub") and self.info.get("room"):
+            # Where a person sends requests to the room (any OpenAI client's base URL).
+            grid.add_row("room API", Text(visible(room_url(self.info["hub"], self.info["room"]))))
         if st is not None:
             paused = self._paused is not None or st.state == "paused"
             shown = "paused" if paused else st.state
@@ -1041,6 +1047,13 @@ def waiting(message: str, file: IO[str] | None = None) -> Iterator[None]:
     finally:
         with contextlib.suppress(OSError):
             status.stop()
+
+
+def room_url(hub_url: str, code: str) -> str:
+    """The room's OpenAI-compatible base URL (options.room_api_url, imported lazily)."""
+    from llmroom_cli.options import room_api_url
+
+    return room_api_url(hub_url, code)
 
 
 def print_text(text: str, style: str | None = None, file: IO[str] | None = None) -> None:
