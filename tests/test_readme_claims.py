@@ -127,7 +127,7 @@ def test_serve_host_and_participant_timeout() -> None:
                 return out.split("\t")[3] if out else ""
 
             # --participant-timeout 0.5: offline soon after the beats stop (the default is 30 s).
-            wait_for(lambda: status().startswith("offline"), "the participant to be marked offline", timeout=20)
+            wait_for(lambda: status().startswith("offline"), "the participant offline", timeout=20)
             a.kill()
     finally:
         serve.send_signal(signal.SIGINT)
