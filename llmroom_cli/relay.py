@@ -41,6 +41,7 @@ through the core, writing each chunk to the hub as soon as it arrives.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import re
@@ -956,6 +957,16 @@ class ShareRelay:
         as a request still in flight is cut here."""
         if self._server is None:
             return
+        import socket
+
+        # serve_forever looks at its shutdown flag between selects (every 0.2 s when idle): set the
+        # flag, then wake the select with a connection of our own, so leaving does not wait a whole
+        # poll interval (SIGINT -> exit went from ~0.24 s to a few ms). The poke is answered like
+        # any stranger (403) or just closed.
+        self._server._BaseServer__shutdown_request = True  # type: ignore[attr-defined]
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.bind_host, self.bind_host)
+        with contextlib.suppress(OSError):
+            socket.create_connection((host, self.port), timeout=0.2).close()
         self._server.shutdown()
         self._server.server_close()
         self._server.close_connections()
