@@ -1108,11 +1108,11 @@ def _ask_model(models: "list[ModelInfo]") -> "ModelInfo":
 
 @app.command(
     epilog="Examples:\n\n"
-    "  llmroom join ABC123                          (the LLM server found on the usual local ports)\n\n"
+    "  llmroom join ABC123              (shares the server found on this machine)\n\n"
     "  llmroom join ABC123 --hub 10.0.0.5 -e http://localhost:8080 -m llama3.2\n\n"
     "  llmroom join ABC123 --share gpu,vram,ram --bench\n\n"
-    "  llmroom join ABC123 --dry-run                (print the request, send nothing)\n\n"
-    '  echo "$ROOM_PASSWORD" | llmroom join ABC123 --password-stdin --json'
+    "  llmroom join ABC123 --dry-run    (print the request, send nothing)\n\n"
+    "  llmroom join ABC123 --password-stdin --json < password.txt"
 )
 def join(
     code: CodeArg,
@@ -1608,7 +1608,12 @@ def doctor(
 # -- demo -------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n"
+    "  llmroom demo\n\n"
+    "  llmroom demo --duration 60 --port 3000   (the embedded hub on :3000)\n\n"
+    "  llmroom demo -e http://localhost:11434   (share your real Ollama instead of the stand-in)"
+)
 def demo(
     duration: Annotated[float, typer.Option(help="Seconds to stay in the room.", min=1)] = 15.0,
     endpoint: Annotated[
@@ -1618,6 +1623,10 @@ def demo(
     interval: Annotated[
         float, typer.Option("--interval", help="Seconds between heartbeats.", min=0.01)
     ] = 1.0,
+    port: Annotated[
+        int,
+        typer.Option(help="Port of the embedded hub on 127.0.0.1 (0 picks a free one).", min=0, max=65535),
+    ] = 0,
     debug: DebugOpt = False,
 ) -> None:
     """The whole product in one command: an embedded hub, a stand-in LLM, a room, a participant with
@@ -1626,7 +1635,7 @@ def demo(
     def body() -> int:
         from llmroom_cli.demo import run_demo
 
-        return run_demo(duration, endpoint, interval, _CliUI())
+        return run_demo(duration, endpoint, interval, _CliUI(), port=port)
 
     raise typer.Exit(_run(body, debug))
 
