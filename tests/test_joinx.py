@@ -163,3 +163,31 @@ def test_help_has_examples_and_no_stray_spaces(command: str) -> None:
         assert "default: (the config file's nickname, else user@host)" in flat
         assert "default: (stable per hub, room and endpoint)" in flat
         assert "[default: user@host]" not in flat
+
+
+# -- no --endpoint: the server found gives the stable id ---------------------------------------------
+
+
+@pytest.fixture
+def net() -> Iterator[list[str]]:
+    from tests.netns_helpers import own_network
+
+    with own_network() as prefix:
+        if prefix is None:
+            pytest.skip("needs a network namespace of its own (root and iproute2)")
+        yield prefix
+
+
+def test_the_server_found_gives_the_stable_id_and_json_mode_says_nothing(net: list[str]) -> None:
+    from llmroom_cli.identity import stable_participant_id
+    from llmroom_cli.options import DEFAULT_HUB
+    from tests.netns_helpers import standin_in
+
+    with standin_in(net, port=1234):
+        r = cli("join", "ABC123", "--dry-run", "--json", "--hub-api", "v0.1", prefix=net)
+    assert r.returncode == 0, r.stderr
+    assert "using the" not in r.stderr  # --json: stdout is the preview, stderr stays quiet
+    (body,) = _bodies(r.stdout)
+    assert body["endpoint"] == "http://127.0.0.1:1234"
+    # The same id a later `join -e http://127.0.0.1:1234` (or `leave CODE`) computes: same user key.
+    assert body["id"] == stable_participant_id(DEFAULT_HUB, "ABC123", "http://127.0.0.1:1234")
