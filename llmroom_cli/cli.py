@@ -1259,7 +1259,9 @@ def join(
                 raise UsageError("--id must be 1 to 128 characters")
             from llmroom_cli.options import parse_config
 
-            cfg = parse_config(config or [], config_file, warn=lambda m: _err(f"warning: {m}"))
+            # --quiet prints only errors: a config typo is a warning (the key is still sent).
+            warn = None if mode == "quiet" else lambda m: _err(f"warning: {m}")
+            cfg = parse_config(config or [], config_file, warn=warn)
             if password_stdin and password is not None:
                 raise UsageError("give the password once: --password-stdin or --password, not both")
             from llmroom_cli import endpoints
