@@ -47,8 +47,9 @@ if TYPE_CHECKING:
     import httpx
 
     from llmroom_cli.client import HubClient
-    from llmroom_cli.endpoints import ModelInfo
+    from llmroom_cli.endpoints import ModelInfo, ServerInfo
     from llmroom_cli.hubapi import Hub
+    from llmroom_cli.share import SharePlan
 
 T = TypeVar("T")
 
@@ -1105,26 +1106,45 @@ def _ask_model(models: "list[ModelInfo]") -> "ModelInfo":
     return models[_pick("The server offers several chat models:", labels, "Share which one?", none)]
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n"
+    "  llmroom join ABC123              (shares the server found on this machine)\n\n"
+    "  llmroom join ABC123 --hub 10.0.0.5 -e http://localhost:8080 -m llama3.2\n\n"
+    "  llmroom join ABC123 --share gpu,vram,ram --bench\n\n"
+    "  llmroom join ABC123 --dry-run    (print the request, send nothing)\n\n"
+    "  llmroom join ABC123 --password-stdin --json < password.txt"
+)
 def join(
     code: CodeArg,
     hub: HubOpt = None,
     endpoint: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--endpoint", "-e", envvar="LLMROOM_ENDPOINT", help="Your local OpenAI-compatible LLM server."
+            "--endpoint",
+            "-e",
+            envvar="LLMROOM_ENDPOINT",
+            help="Your local OpenAI-compatible LLM server.",
+            show_default="the config file's endpoint, else search the usual local ports",
         ),
-    ] = "http://localhost:11434",
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(
-            "--model", "-m", envvar="LLMROOM_MODEL", help="Model to share (default: ask or the only one)."
+            "--model",
+            "-m",
+            envvar="LLMROOM_MODEL",
+            help="Model to share.",
+            show_default="the config file's model, else the only one, else ask",
         ),
     ] = None,
     nickname: Annotated[
         str | None,
         typer.Option(
-            "--nickname", "-n", envvar="LLMROOM_NICKNAME", help="Name shown in the room [default: user@host]."
+            "--nickname",
+            "-n",
+            envvar="LLMROOM_NICKNAME",
+            help="Name shown in the room.",
+            show_default="the config file's nickname, else user@host",
         ),
     ] = None,
     password_stdin: Annotated[
@@ -1147,8 +1167,22 @@ def join(
         Path | None, typer.Option("--config-file", help="Generation config from a JSON or TOML file.")
     ] = None,
     no_specs: Annotated[bool, typer.Option("--no-specs", help="Do not send this machine's specs.")] = False,
+    share: ShareOpt = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the request join would send (secrets as ***) and exit; contacts no hub."
+        ),
+    ] = False,
+    bench: Annotated[
+        bool,
+        typer.Option("--bench", help="Time the model once (first token, tokens/s) and send it in specs.llm."),
+    ] = False,
     participant_id: Annotated[
-        str | None, typer.Option("--id", help="Participant id [default: stable per hub, room and endpoint].")
+        str | None,
+        typer.Option(
+            "--id", help="Participant id.", show_default="stable per hub, room and endpoint", metavar="ID"
+        ),
     ] = None,
     interval: Annotated[
         float, typer.Option("--interval", help="Seconds between heartbeats (>= 0.01).")
@@ -1221,22 +1255,30 @@ def join(
     def body() -> int:
         try:
             room = _code(code)
-            hub_url = _hub(hub)
+            user_config = _user_config()  # flags and LLMROOM_* variables take precedence over it
+            named_hub = _named_hub(hub)
+            hub_url = _hub(named_hub)
             if not 0.01 <= interval <= 3600:
                 raise UsageError(f"--interval {interval}: expected seconds from 0.01 to 3600")
-            nick = (nickname if nickname is not None else default_nickname()).strip()
+            nick_given = nickname if nickname is not None else user_config.get("nickname")
+            nick = (nick_given if nick_given is not None else default_nickname()).strip()
             if not nick or len(nick) > 64:
                 raise UsageError("--nickname must be 1 to 64 characters")
             if participant_id is not None and not (0 < len(participant_id.strip()) <= 128):
                 raise UsageError("--id must be 1 to 128 characters")
             from llmroom_cli.options import parse_config
 
-            cfg = parse_config(config or [], config_file)
+            # --quiet prints only errors: a config typo is a warning (the key is still sent).
+            warn = None if mode == "quiet" else lambda m: _err(f"warning: {m}")
+            cfg = parse_config(config or [], config_file, warn=warn)
             if password_stdin and password is not None:
                 raise UsageError("give the password once: --password-stdin or --password, not both")
             from llmroom_cli import endpoints
+            from llmroom_cli.specs import parse_share
 
-            ep = endpoints.normalize_endpoint(endpoint)
+            fields = parse_share(share) if share is not None else None  # exit 2 before any request
+            chosen_ep = endpoint if endpoint is not None else user_config.get("endpoint")
+            ep = endpoints.normalize_endpoint(chosen_ep) if chosen_ep is not None else None
             if advertise is not None:
                 endpoints.normalize_endpoint(advertise)
             from llmroom_cli.share import SharePlan, run_share
@@ -1244,9 +1286,9 @@ def join(
             plan = SharePlan(
                 room,
                 hub_url,
-                ep,
+                ep or "",
                 nick,
-                model=model,
+                model=model if model is not None else user_config.get("model"),
                 config=cfg,
                 no_specs=no_specs,
                 participant_id=participant_id,
@@ -1255,17 +1297,28 @@ def join(
                 mode=mode,
                 advertise=advertise,
                 force=force,
-                implicit_hub=hub is None,
+                implicit_hub=named_hub is None,
                 direct=direct,
                 hub_api=hub_api,
                 credentials=_credentials(api_key, header, header_env),
                 drain_s=drain,
                 pause_when_busy=pause_when_busy,
+                share_fields=fields,
+                bench=bench,
+                dry_run=dry_run,
             )
             if max_concurrent is not None:
                 plan.max_concurrent = max_concurrent
             plan.check()
+            if ep is None:
+                # Issue 14 item 1: search the usual local ports as `probe` does; the stable id then
+                # uses the endpoint found.
+                found = _search_server(mode, plan.credentials)
+                plan.endpoint, plan.server = endpoints.normalize_endpoint(found.url), found
             plan.password = _resolve_password(password_stdin, password)
+            if dry_run:
+                _print_json(_dry_run(plan, _CliUI()))
+                return 0
             return run_share(plan, _CliUI())
         except LlmroomError as exc:
             if mode == "json":
@@ -1273,6 +1326,74 @@ def join(
             raise
 
     raise typer.Exit(_run(body, debug))
+
+
+def _search_server(mode: str, credentials: dict[str, str]) -> "ServerInfo":
+    """The LLM server `join` shares when none is named: the one answering on the usual local ports,
+    a numbered pick on a terminal when several do (EndpointError, exit 6, when none or undecided)."""
+    from llmroom_cli import endpoints
+
+    interactive = sys.stdin.isatty() and sys.stderr.isatty() and mode != "json"
+    info = endpoints.choose_server(endpoints.find_servers(), _ask_server if interactive else None)
+    if mode not in ("json", "quiet"):
+        _err(f"using the {info.kind} server at {info.url} (found on this machine)")
+    return info
+
+
+def _ask_server(servers: "list[ServerInfo]") -> "ServerInfo":
+    from llmroom_cli.endpoints import match_server, server_label
+
+    _err("Several LLM servers answer on this machine:")
+    for i, info in enumerate(servers, 1):
+        _err(f"  {i}. {server_label(info)}")
+    while True:
+        try:
+            raw = input(f"Share which one? [1-{len(servers)}, or its kind or port]: ")
+        except EOFError:
+            raise EndpointError("no LLM server chosen", "pass one with --endpoint URL") from None
+        chosen = match_server(raw, servers)
+        if chosen is not None:
+            return chosen
+        _err(f"please type a number from 1 to {len(servers)}, a kind or a port")
+
+
+def _dry_run(plan: "SharePlan", ui: "_CliUI") -> dict[str, Any]:
+    """What `join --dry-run` prints: the join request(s) for `plan`, redacted (dryrun.preview). Only
+    the local server is asked (model, specs, --bench, capabilities): no hub, no state file."""
+    import threading
+
+    from llmroom_cli import endpoints
+    from llmroom_cli.dryrun import preview
+    from llmroom_cli.http import make_http
+    from llmroom_cli.identity import stable_participant_id
+    from llmroom_cli.session import JoinPlan
+    from llmroom_cli.share import prepare, probe_capabilities
+
+    local = endpoints.probe_url(plan.endpoint)
+    with make_http(local) as http:
+        prep = prepare(http, plan, ui, threading.Event(), lambda reason, remaining_s: None)
+        capabilities = None
+        if prep.how == "tunnel":
+            capabilities = probe_capabilities(http, local, plan.credentials)
+    pid = plan.participant_id or stable_participant_id(
+        plan.hub_url, plan.room, plan.endpoint, lambda m: _err(f"warning: {m}")
+    )
+    # A relay's URL exists only once it listens: the request shows the server's own address there.
+    published = prep.published or plan.endpoint
+    join_plan = JoinPlan(
+        plan.hub_url,
+        plan.room,
+        pid,
+        plan.nickname,
+        prep.model,
+        published,
+        plan.password,
+        prep.specs,
+        plan.config,
+        plan.interval_s,
+    )
+    generation = None if prep.generation == "both" else prep.generation
+    return preview(join_plan, generation, capabilities=capabilities, credentials=plan.credentials)
 
 
 def _leave_command(code: str, participant_id: str, hub_url: str) -> str:
@@ -1499,7 +1620,12 @@ def doctor(
 # -- demo -------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n"
+    "  llmroom demo\n\n"
+    "  llmroom demo --duration 60 --port 3000   (the embedded hub on :3000)\n\n"
+    "  llmroom demo -e http://localhost:11434   (share your real Ollama instead of the stand-in)"
+)
 def demo(
     duration: Annotated[float, typer.Option(help="Seconds to stay in the room.", min=1)] = 15.0,
     endpoint: Annotated[
@@ -1509,6 +1635,10 @@ def demo(
     interval: Annotated[
         float, typer.Option("--interval", help="Seconds between heartbeats.", min=0.01)
     ] = 1.0,
+    port: Annotated[
+        int,
+        typer.Option(help="Port of the embedded hub on 127.0.0.1 (0 picks a free one).", min=0, max=65535),
+    ] = 0,
     debug: DebugOpt = False,
 ) -> None:
     """The whole product in one command: an embedded hub, a stand-in LLM, a room, a participant with
@@ -1517,7 +1647,7 @@ def demo(
     def body() -> int:
         from llmroom_cli.demo import run_demo
 
-        return run_demo(duration, endpoint, interval, _CliUI())
+        return run_demo(duration, endpoint, interval, _CliUI(), port=port)
 
     raise typer.Exit(_run(body, debug))
 

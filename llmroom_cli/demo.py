@@ -19,17 +19,37 @@ if TYPE_CHECKING:
 PROMPT = "Say hello to the room in one sentence."
 
 
-def run_demo(duration_s: float, endpoint: str | None, interval_s: float, ui: ShareUI) -> int:
-    """Run the demo; the participant is a `share.run_share` like `llmroom join`'s."""
+# Where `llmroom serve` listens by default: the next steps are copy-paste right after it.
+SERVE_HUB = "http://localhost:3000"
+
+
+def next_steps() -> list[str]:
+    """What the demo ends with: how to share a real LLM in a real room, and how to use that room."""
+    from llmroom_cli.options import curl_example, room_api_url
+
+    return [
+        "next: share your own LLM in a real room:",
+        "  llmroom serve              (a hub on this machine; or name your team's with --hub URL)",
+        "  llmroom create 'My room'   (prints the room CODE)",
+        "  llmroom join CODE          (shares the LLM server found on this machine)",
+        f"the room is then an OpenAI-compatible API at {room_api_url(SERVE_HUB, 'CODE')}:",
+        f"  {curl_example(SERVE_HUB, 'CODE')}",
+    ]
+
+
+def run_demo(duration_s: float, endpoint: str | None, interval_s: float, ui: ShareUI, port: int = 0) -> int:
+    """Run the demo; the participant is a `share.run_share` like `llmroom join`'s. `port`: the
+    embedded hub's (0: a free one)."""
     from llmroom_cli import render
     from llmroom_cli.client import HubClient
     from llmroom_cli.endpoints import normalize_endpoint
     from llmroom_cli.http import make_http
     from llmroom_cli.hub import start_hub
+    from llmroom_cli.options import curl_example, room_api_url
     from llmroom_cli.standin import StandIn
 
     ep = normalize_endpoint(endpoint) if endpoint else None
-    hub = start_hub(quiet=True)
+    hub = start_hub(port=port, quiet=True)
     standin = None if ep else StandIn()
     ep = ep or (standin.url if standin else "")
     try:
@@ -40,6 +60,9 @@ def run_demo(duration_s: float, endpoint: str | None, interval_s: float, ui: Sha
         render.print_text(
             f"embedded hub on {hub.url} · room {room} created · sharing {what} at {ep}", style="bold"
         )
+        url = room_api_url(hub.url, room)
+        render.print_text(f"use the room (OpenAI-compatible) while the demo runs: {url}", style="dim")
+        render.print_text(f"  {curl_example(hub.url, room)}", style="dim")
         wake = threading.Event()
         outputs: list[Any] = []
 
@@ -76,7 +99,10 @@ def run_demo(duration_s: float, endpoint: str | None, interval_s: float, ui: Sha
             wake=wake,
             output_hook=outputs.append,
         )
-        return run_share(plan, ui)
+        code = run_share(plan, ui)
+        for i, line in enumerate(next_steps()):
+            render.print_text(line, style="bold" if i == 0 else "dim")
+        return code
     finally:
         hub.stop()
         if standin is not None:

@@ -333,7 +333,7 @@ def load_user_config(path: Path | None = None, warn: Callable[[str], None] | Non
     try:
         with path.open("rb") as fh:
             raw = fh.read(MAX_CONFIG_FILE_BYTES + 1)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a file where the directory would be: no file
         return {}
     except OSError as exc:
         raise UsageError(f"cannot read the config file {str(path)!r}: {exc.strerror or exc}") from None

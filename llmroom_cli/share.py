@@ -144,6 +144,14 @@ class SharePlan:
     max_concurrent: int | None = None  # None: relay.DEFAULT_MAX_CONCURRENT
     drain_s: float = DEFAULT_DRAIN_S
     pause_when_busy: bool = False
+    # --share: only these spec fields (specs.parse_share); None sends them all.
+    share_fields: tuple[str, ...] | None = None
+    # --bench: time the model once (bench.measure) and merge the figures into specs.llm.
+    bench: bool = False
+    # --dry-run: `prepare` contacts no hub (no LAN fallback, no generation probe).
+    dry_run: bool = False
+    # The probe already made of `endpoint` (the search of the usual local ports found it): not redone.
+    server: ServerInfo | None = field(default=None, repr=False)
     on_started: Callable[[], None] | None = None
     wake: threading.Event | None = None
     output_hook: Callable[[Any], None] | None = None
@@ -164,6 +172,11 @@ class SharePlan:
             raise UsageError(f"--max-concurrent {self.max_concurrent}: expected 1 to 1024")
         if not (math.isfinite(self.drain_s) and 0 <= self.drain_s <= 3600):
             raise UsageError(f"--drain {self.drain_s}: expected seconds from 0 to 3600")
+        if self.no_specs and (self.share_fields is not None or self.bench):
+            option = "--share" if self.share_fields is not None else "--bench"
+            raise UsageError(f"--no-specs sends no specs: drop it, or drop {option}")
+        if self.bench and self.share_fields is not None and "llm" not in self.share_fields:
+            raise UsageError("--bench sends its figures in specs.llm: add llm to --share")
 
 
 @dataclass
@@ -484,7 +497,9 @@ def prepare(
         detector.start()
     ep = plan.endpoint
     target = endpoints.probe_url(ep)
-    info = endpoints.probe(http, target, credentials=plan.credentials)
+    info = plan.server
+    if info is None or info.url != ep:
+        info = endpoints.probe(http, target, credentials=plan.credentials)
     if info.status == "loading":
         if not plan.wait:
             raise EndpointError(f"the LLM server at {ep} is still loading a model", "wait, or pass --wait")
@@ -496,9 +511,12 @@ def prepare(
     interactive = ui.interactive() and plan.mode != "json"
     chosen = endpoints.choose_model(info, plan.model, ui.choose_model if interactive else None)
     hub_url, lan_hub = plan.hub_url, None
-    if plan.implicit_hub:
+    if plan.implicit_hub and not plan.dry_run:
         hub_url, lan_hub = ui.find_hub(http, hub_url)
-    generation = detect_with_retry(http, hub_url, plan.hub_api, wake, on_retry, STARTUP_RETRY_S)
+    if plan.dry_run:  # not asked: the preview shows the request of each generation not forced
+        generation = plan.hub_api or "both"
+    else:
+        generation = detect_with_retry(http, hub_url, plan.hub_api, wake, on_retry, STARTUP_RETRY_S)
     wants_address = plan.direct or plan.advertise is not None
     if generation == "v0.6" and wants_address:
         raise UsageError(
@@ -511,7 +529,9 @@ def prepare(
         f" ({'forced with --hub-api' if plan.hub_api else 'detected'}); sharing {how}"
     )
     published = None
-    if how == "direct":
+    if how == "direct" and plan.dry_run:  # the reachability check would ask the hub
+        published = plan.advertise or ep
+    elif how == "direct":
         from llmroom_cli.reach import publishable_endpoint
 
         publication = publishable_endpoint(
@@ -529,6 +549,18 @@ def prepare(
         llm = endpoints.llm_specs(info, chosen)
         if llm:
             specs["llm"] = llm
+        if plan.bench:
+            from llmroom_cli.bench import measure
+
+            try:
+                figures = measure(http, ep, chosen.id, plan.credentials).to_specs()
+                specs["llm"] = {**(specs.get("llm") or {}), **figures}
+            except EndpointError as exc:  # the join goes on without the figures
+                ui.message(f"warning: --bench: {exc.message}")
+        if plan.share_fields is not None:
+            from llmroom_cli.specs import select
+
+            specs = select(specs, plan.share_fields)
     return Prepared(chosen.id, info, hub_url, generation, how, published, specs, lan_hub)
 
 
