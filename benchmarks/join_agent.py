@@ -77,6 +77,7 @@ class Rig:
         e = dict(environ or env(), XDG_CONFIG_HOME=self.cfg.name)
         argv = [python, "-m", "llmroom_cli", "join", self.code, "--hub", self.hub.url, "-e", self.llm.url]
         argv += ["--json", "--interval", str(interval_s), "--id", pid, "--nickname", "bench"]
+        argv += ["--hub-api", "v0.1"]  # the v0.1 agent, as the bare loop is (our hub speaks both)
         return Proc(argv, e), pid
 
     def bare(self, interval_s: float, beats: int) -> tuple[Proc, str]:
