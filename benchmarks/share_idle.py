@@ -1,4 +1,5 @@
-"""A sharing agent at rest: start -> joined and RSS after 3 s idle, for each way the room reaches it.
+"""A sharing agent at rest: start -> joined, RSS after 3 s idle and SIGINT -> exit, for each way the
+room reaches it.
 
 Run alone: python benchmarks/share_idle.py [runs]
 
@@ -40,8 +41,8 @@ def rss_mib(pid: int) -> float:
 
 def measure(
     hub_url: str, room: str, endpoint: str, extra: list[str], i: int, prefix: str
-) -> tuple[float, float]:
-    """(start -> joined in s, RSS in MiB after IDLE_S) of one agent, which then leaves."""
+) -> tuple[float, float, float]:
+    """(start -> joined in s, RSS in MiB after IDLE_S, SIGINT -> exit in s) of one agent."""
     argv = [PY, "-m", "llmroom_cli", "join", room, "--hub", hub_url, "-e", endpoint]
     argv += ["--json", "--interval", "1", "--id", f"bench{i}", *extra]
     t0 = time.monotonic()
@@ -53,9 +54,10 @@ def measure(
     took = time.monotonic() - t0
     time.sleep(IDLE_S)
     rss = rss_mib(proc.pid)
+    t1 = time.monotonic()
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=10)
-    return took, rss
+    return took, rss, time.monotonic() - t1
 
 
 def main() -> None:
@@ -72,8 +74,12 @@ def main() -> None:
             ]
             start_s = statistics.median(g[0] for g in got[1:])
             rss = statistics.median(g[1] for g in got[1:])
+            leave_s = statistics.median(g[2] for g in got[1:])
             took = f"start -> joined {start_s * 1000:6.0f} ms"
-            print(f"{label:20s} {took}   idle RSS {rss:5.1f} MiB (target <= 35)")
+            print(
+                f"{label:20s} {took}   idle RSS {rss:5.1f} MiB (target <= 35)"
+                f"   SIGINT -> exit {leave_s * 1000:5.0f} ms"
+            )
 
 
 if __name__ == "__main__":

@@ -27,9 +27,12 @@ if TYPE_CHECKING:
     from llmroom_cli.gpu import BusyReading
 
 # A check gets this share of the interval, at most CHECK_MAX_S: a local server that takes longer to
-# answer GET /v1/models than that is, for the room, not serving.
+# answer GET /v1/models than that is, for the room, not serving. At least CHECK_MIN_S, though: with a
+# short interval on a loaded machine a healthy server was taken for dead (a dead one refuses the
+# connection at once, so short intervals still pause within one).
 CHECK_SHARE = 0.8
 CHECK_MAX_S = 2.0
+CHECK_MIN_S = 1.0
 
 
 class Pausable(Protocol):
@@ -95,7 +98,7 @@ class ServerWatch:
         self.interval_s = interval_s
         self.pause_when_busy = pause_when_busy
         self.server = server
-        self.check_timeout_s = check_timeout_s or max(min(CHECK_MAX_S, interval_s * CHECK_SHARE), 0.01)
+        self.check_timeout_s = check_timeout_s or max(min(CHECK_MAX_S, interval_s * CHECK_SHARE), CHECK_MIN_S)
         self._note = note
         self._noted: set[str] = set()
         self._ping = _Bounded(ping, "llmroom-watch-ping")
