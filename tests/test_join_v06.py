@@ -119,3 +119,36 @@ def test_a_frozen_hub_still_lets_the_agent_leave_with_nothing_in_flight(
     assert "draining" not in a.names()
     assert "did not confirm the leave" in a.stderr
     hub.fault = None
+
+
+def test_a_hub_restart_that_kept_the_room_is_ridden_out_and_one_that_lost_it_is_exit_3() -> None:
+    """Better than the reference participant (which exits on any tunnel close): after the hub's 1001
+    the agent registers again with the same id and opens a new tunnel; a hub back without the room is
+    exit 3 saying the room is gone."""
+    from llmroom_cli.hub import start_hub
+    from llmroom_cli.standin import StandIn
+
+    with StandIn() as llm:
+        first = start_hub(port=0)
+        port, state = first.port, first.state
+        room = state.create_room("r")["code"]
+        a = Agent(room, "--hub", first.url, "-e", llm.url, "--json", "--interval", "0.3")
+        pid = a.wait_event("joined")["id"]
+        first.stop()
+        a.wait_event("reconnecting")
+        second = start_hub(port=port, state=state)  # the same rooms: a restart that kept them
+        try:
+            a.wait_event("online")
+            wait_for(
+                lambda: any(p["id"] == pid and p.get("status") == "online" for p in state.participants(room)),
+                "the participant back with the same id",
+            )
+        finally:
+            second.stop()
+        third = start_hub(port=port)  # a restart that lost every room
+        try:
+            code = a.finish(timeout=WAIT_S)
+        finally:
+            third.stop()
+        assert code == 3, a.stderr
+        assert f"room {room} is gone" in a.stderr and "Traceback" not in a.stderr
