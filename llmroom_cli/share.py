@@ -52,6 +52,8 @@ if TYPE_CHECKING:
     from llmroom_cli.watch import ServerWatch
 
 HUB_APIS = ("v0.1", "v0.6")
+# The server watch checks at most this often, whatever the heartbeat interval.
+WATCH_MIN_INTERVAL_S = 1.0
 # On leave, requests in flight get this long to finish: a typical chat answer streams within it.
 DEFAULT_DRAIN_S = 10.0
 # The capability probe (one POST {} per route, at start): the server is local, it answers at once.
@@ -838,7 +840,9 @@ def _server_watch(plan: SharePlan, core: RelayCore, session: Any, ui: ShareUI) -
     return ServerWatch(
         session,
         lambda: core.ping(timeout_s=1.0),
-        interval_s=plan.interval_s,
+        # At most one check a second: with a test-sized --interval (0.01 s) a ping per beat doubled
+        # the agent's CPU per beat; a relayed request that cannot connect still pauses at once.
+        interval_s=max(plan.interval_s, WATCH_MIN_INTERVAL_S),
         pause_when_busy=plan.pause_when_busy,
         server_pids=lambda: server_pids(endpoint),
         note=lambda text: ui.message(f"note: {text}") if plan.mode != "quiet" else None,
