@@ -69,3 +69,31 @@ def test_a_keyed_llamacpp_server_is_shared_through_the_agent(
     assert a.finish() == 0, a.stderr
     assert KEY not in a.stderr and KEY not in "\n".join(a.raw)
     assert json.dumps(a.events).count("hello world") == 0
+
+
+def test_killing_the_llamacpp_server_pauses_and_restarting_it_resumes(
+    hub: RunningHub, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    reason = xllamacpp_missing()
+    if reason:
+        pytest.skip(reason)
+    model = make_tiny_gguf(tmp_path_factory.mktemp("gguf-kill") / "tiny-random-llama.gguf")
+    server = LlamaServer(model).start()
+    try:
+        room = hub.state.create_room("llama")["code"]
+        a = Agent(
+            room, "--hub", hub.url, "-e", server.url, "--hub-api", "v0.1", "--json", "--interval", "0.5"
+        )
+        pid = a.wait_event("joined", timeout=WAIT_S)["id"]
+        port = server.port
+        server.kill()  # SIGKILL, as a crash
+        paused = a.wait_event("paused", timeout=WAIT_S)
+        assert paused["cause"] == "server_down"
+        assert [p["id"] for p in hub.state.participants(room)] == []  # v0.1: out of the room
+        server = LlamaServer(model, port=port).start()
+        a.wait_event("resumed", timeout=WAIT_S)
+        assert [p["id"] for p in hub.state.participants(room)] == [pid]  # back, same id
+        a.signal(signal.SIGINT)
+        assert a.finish() == 0, a.stderr
+    finally:
+        server.kill()
