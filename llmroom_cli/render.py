@@ -112,7 +112,18 @@ def _text(value: Any) -> str:
 
 
 ROOM_COLUMNS = ("CODE", "NAME", "PARTICIPANTS", "AGE", "PASSWORD")
-PARTICIPANT_COLUMNS = ("ID", "NICKNAME", "MODEL", "STATUS", "GPU", "VRAM", "RAM", "ENDPOINT", "LAST SEEN")
+PARTICIPANT_COLUMNS = (
+    "ID",
+    "NICKNAME",
+    "MODEL",
+    "STATUS",
+    "GPU",
+    "VRAM",
+    "RAM",
+    "ENDPOINT",
+    "LAST SEEN",
+    "SPEED",  # last: piped column positions stay what they were before `join --bench`
+)
 # A shortened id on a terminal: this many characters at least, more where two ids share them.
 SHORT_ID_CHARS = 8
 
@@ -208,15 +219,29 @@ def participant_rows(
                 _gb(specs.get("ram"), plain),
                 _text(p.get("endpoint")),
                 iso_utc(p.get("lastSeen")) if plain else ago(p.get("lastSeen"), now_ms),
+                _speed(specs.get("llm"), plain),
             ]
         )
     return rows
+
+
+def _speed(llm: Any, plain: bool) -> str:
+    """`join --bench`'s figures from specs.llm: "81 ms, 42.5 tok/s" on a terminal; piped, the tokens
+    per second as a plain number; "-" without figures."""
+    from llmroom_cli.bench import describe
+
+    if plain:
+        tps = llm.get("tokensPerSecond") if isinstance(llm, dict) else None
+        ok = isinstance(tps, (int, float)) and not isinstance(tps, bool) and math.isfinite(tps) and tps > 0
+        return f"{tps:g}" if ok else "-"
+    return describe(llm) or "-"
 
 
 # When a terminal is too narrow for a table, columns are dropped in this order (lowest first; ties:
 # the rightmost first); unlisted columns are never dropped. What is kept is cut with an ellipsis, never
 # split inside a word, except the free-text columns of WRAPPED, which wrap at spaces.
 DROP_ORDER: dict[str, int] = {
+    "SPEED": 1,
     "RAM": 1,
     "GPU": 2,
     "PASSWORD": 2,

@@ -79,7 +79,7 @@ def test_narrow_tables_drop_columns_and_never_split_a_word(
     assert all(len(line.rstrip()) <= cols for line in lines), table
     header = lines[0].split()
     # Every header shown is whole (no "ENDPOIN" / "T"), and the most useful columns survive.
-    known = {"ID", "NICKNAME", "MODEL", "STATUS", "GPU", "VRAM", "RAM", "ENDPOINT", "LAST", "SEEN"}
+    known = {"ID", "NICKNAME", "MODEL", "STATUS", "GPU", "VRAM", "RAM", "ENDPOINT", "LAST", "SEEN", "SPEED"}
     assert set(header) <= known and {"ID", "NICKNAME", "STATUS"} <= set(header), header
     # Cells are whole words or cut with an ellipsis, never continued on the next line.
     row = lines[1]
@@ -87,7 +87,7 @@ def test_narrow_tables_drop_columns_and_never_split_a_word(
     assert "online" in row
     if "MODEL" in header:
         assert "llama3.2:latest" in row or re.search(r"llama3\S*…", row)
-    hidden = 9 - len([h for h in header if h != "SEEN"])
+    hidden = 10 - len([h for h in header if h != "SEEN"])
     if hidden:
         assert f"{hidden} column{'s' if hidden > 1 else ''} hidden (--json)" in table
     else:

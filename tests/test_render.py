@@ -103,3 +103,16 @@ def test_live_display_only_where_the_terminal_can_redraw(
     w.close()
     # A dumb terminal gets the rows as they come (rich would hold a live table back until the end).
     assert (out.getvalue() == "alice\n\n") is not live
+
+
+def test_the_speed_column_shows_join_bench_figures_and_ignores_hostile_ones() -> None:
+    from llmroom_cli.render import PARTICIPANT_COLUMNS, participant_rows
+
+    assert PARTICIPANT_COLUMNS[-1] == "SPEED"  # appended: piped positions of the others unchanged
+    fast = {"id": "a", "specs": {"llm": {"ttftMs": 81.2, "tokensPerSecond": 42.5}}}
+    hostile = {"id": "b", "specs": {"llm": {"ttftMs": "1; rm -rf", "tokensPerSecond": float("nan")}}}
+    none = {"id": "c", "specs": {}}
+    shown = [r[-1] for r in participant_rows([fast, hostile, none])]
+    assert shown == ["81 ms, 42.5 tok/s", "-", "-"]
+    piped = [r[-1] for r in participant_rows([fast, hostile, none], plain=True)]
+    assert piped == ["42.5", "-", "-"]
