@@ -691,8 +691,9 @@ def create(
             hub_url = found.base_url
             print_text(f"created room {visible(code)} ({name}) on {hub_url}")
             print_text(f"join it with: llmroom join {code} --hub {hub_url}", style="dim")
-            print_text(f"use the room (OpenAI-compatible): {room_api_url(hub_url, code)}", style="dim")
-            print_text(f"  {curl_example(hub_url, code)}", style="dim")
+            url = room_api_url(hub_url, code)
+            print_text(f"use the room (OpenAI-compatible): {url}", style="dim", soft_wrap=True)
+            print_text(f"  {curl_example(hub_url, code)}", style="dim", soft_wrap=True)
         else:
             sys.stdout.write(code + "\n")
 
@@ -752,8 +753,9 @@ def list_(
             if not plain:
                 from llmroom_cli.options import curl_example, room_api_url
 
-                render.print_text(f"room {room}: {room_api_url(found.base_url, room)}", style="bold")
-                render.print_text(f"  {curl_example(found.base_url, room)}", style="dim")
+                url = room_api_url(found.base_url, room)
+                render.print_text(f"room {room}: {url}", style="bold", soft_wrap=True)
+                render.print_text(f"  {curl_example(found.base_url, room)}", style="dim", soft_wrap=True)
             rows, dim = render.participants_view(data["participants"], plain=plain, wide=wide)
             render.print_table(render.PARTICIPANT_COLUMNS, rows, dim, empty=f"no participants in {room}")
 
@@ -943,8 +945,9 @@ def leave(
             return
         nick = matches[0].get("nickname") if matches else None
         named = f"{target} ({nick})" if isinstance(nick, str) and nick != target else target
-        if participant_id is None or sys.stdout.isatty() or sys.stderr.isatty():
-            _err(f"removed {what + ' ' if what else ''}{named} from room {room}")
+        # Always said (on stderr: stdout stays empty for scripts): a running agent re-registers at
+        # once, and without this line nothing would show that the leave happened.
+        _err(f"removed {what + ' ' if what else ''}{named} from room {room}")
 
     _run(body, debug)
 

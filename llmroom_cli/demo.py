@@ -61,8 +61,9 @@ def run_demo(duration_s: float, endpoint: str | None, interval_s: float, ui: Sha
             f"embedded hub on {hub.url} · room {room} created · sharing {what} at {ep}", style="bold"
         )
         url = room_api_url(hub.url, room)
-        render.print_text(f"use the room (OpenAI-compatible) while the demo runs: {url}", style="dim")
-        render.print_text(f"  {curl_example(hub.url, room)}", style="dim")
+        line = f"use the room (OpenAI-compatible) while the demo runs: {url}"
+        render.print_text(line, style="dim", soft_wrap=True)
+        render.print_text(f"  {curl_example(hub.url, room)}", style="dim", soft_wrap=True)
         wake = threading.Event()
         outputs: list[Any] = []
 
@@ -79,7 +80,8 @@ def run_demo(duration_s: float, endpoint: str | None, interval_s: float, ui: Sha
                 content = (choices[0].get("message") or {}).get("content", "")
                 out.note(f"< the participant answered: {str(content).strip()}")
                 parts = client.participants(room)
-                rows, dim = render.participants_view(parts)
+                # Piped, the scripts' format (whole ids, ISO times), as `list` prints it.
+                rows, dim = render.participants_view(parts, plain=not sys.stdout.isatty())
                 out.note(f"room {room} now lists:", (render.PARTICIPANT_COLUMNS, rows, dim))
             except LlmroomError as exc:
                 out.note(f"! the chat request failed: {exc}")
@@ -101,7 +103,7 @@ def run_demo(duration_s: float, endpoint: str | None, interval_s: float, ui: Sha
         )
         code = run_share(plan, ui)
         for i, line in enumerate(next_steps()):
-            render.print_text(line, style="bold" if i == 0 else "dim")
+            render.print_text(line, style="bold" if i == 0 else "dim", soft_wrap="curl " in line)
         return code
     finally:
         hub.stop()

@@ -908,7 +908,9 @@ class JoinOutput:
     def _note(self, text: str, table: tuple[Sequence[str], list[list[str]], list[bool]] | None) -> None:
         text = visible(text)
         if self.mode == "live" and self._live is not None:
-            self._live.console.print(text, highlight=False, markup=False)
+            # A command to copy is never broken by rich (the terminal folds it; a copy is whole).
+            copyable = text.lstrip().startswith("curl ")
+            self._live.console.print(text, highlight=False, markup=False, soft_wrap=copyable)
             if table is not None:
                 self._live.console.print(build_table(*table))
             return
@@ -1081,12 +1083,16 @@ def room_url(hub_url: str, code: str) -> str:
     return room_api_url(hub_url, code)
 
 
-def print_text(text: str, style: str | None = None, file: IO[str] | None = None) -> None:
-    """A line on a console: styled on a terminal, plain (and without loading rich) elsewhere."""
+def print_text(
+    text: str, style: str | None = None, file: IO[str] | None = None, soft_wrap: bool = False
+) -> None:
+    """A line on a console: styled on a terminal, plain (and without loading rich) elsewhere.
+    `soft_wrap`: never break the line (a URL or a command to copy: the terminal folds it on screen,
+    and a copy gives it back whole)."""
     out = file or sys.stdout
     text = visible(text)
     if not out.isatty():
         out.write(text + "\n")
         out.flush()
         return
-    _console(out).print(text, style=style, highlight=False, markup=False)
+    _console(out).print(text, style=style, highlight=False, markup=False, soft_wrap=soft_wrap)

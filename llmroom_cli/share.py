@@ -710,6 +710,13 @@ def _run(plan: SharePlan, ui: ShareUI, cleanup: list[Callable[[], None]]) -> int
             )
             published = _publish(prep, core, ui, cleanup, plan.endpoint)
             capabilities = None
+            if prep.how == "tunnel" and plan.bench and plan.mode != "quiet":
+                # The v0.6 registration keeps gpu, vram, ram and cpu of the specs and drops the rest
+                # (the reference hub does, and ours follows it there): say so rather than send in vain.
+                ui.message(
+                    "warning: --bench: a v0.6 hub keeps only gpu, vram, ram and cpu of the specs, so the"
+                    " room will not see the figures (a v0.1 hub does: --hub-api v0.1 where it speaks both)"
+                )
             if prep.how == "tunnel":
                 capabilities = probe_capabilities(core_http, local, plan.credentials)
                 ui.debug(f"capabilities: {capabilities}")

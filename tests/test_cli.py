@@ -129,7 +129,9 @@ def test_leave_removes_a_participant(hub: RunningHub) -> None:
     code = hub.state.create_room("r")["code"]
     body = {"id": "p1", "nickname": "n", "model": "m", "endpoint": "http://127.0.0.1:1"}
     httpx.post(f"{hub.url}/rooms/{code}/join", json=body, trust_env=False).raise_for_status()
-    assert cli("leave", code, "p1", "--hub", hub.url).returncode == 0
+    removed = cli("leave", code, "p1", "--hub", hub.url)
+    assert removed.returncode == 0 and removed.stdout == ""
+    assert f"removed p1 (n) from room {code}" in removed.stderr  # said even piped
     assert hub.state.participants(code) == []
     again = cli("leave", code, "p1", "--hub", hub.url)  # cleanup is idempotent
     assert again.returncode == 0 and "nothing to remove" in again.stderr

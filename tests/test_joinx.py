@@ -191,3 +191,24 @@ def test_the_server_found_gives_the_stable_id_and_json_mode_says_nothing(net: li
     assert body["endpoint"] == "http://127.0.0.1:1234"
     # The same id a later `join -e http://127.0.0.1:1234` (or `leave CODE`) computes: same user key.
     assert body["id"] == stable_participant_id(DEFAULT_HUB, "ABC123", "http://127.0.0.1:1234")
+
+
+@pytest.mark.parametrize("api", ["v0.1", "v0.6"])
+def test_bench_figures_reach_a_v01_room_and_a_v06_join_says_they_will_not(
+    hub: RunningHub, llm: StandIn, api: str
+) -> None:
+    room = hub.state.create_room("r")["code"]
+    a = Agent(room, "--hub", hub.url, "-e", llm.url, "--hub-api", api, "--json", "--bench")
+    try:
+        a.wait_event("joined")
+        (part,) = hub.state.participants(room)
+        if api == "v0.1":
+            assert part["specs"]["llm"]["tokensPerSecond"] > 0 and part["specs"]["llm"]["ttftMs"] > 0
+        else:
+            assert "llm" not in part.get("specs", {})  # what the v0.6 registration keeps
+        a.signal()
+        assert a.finish() == 0, a.stderr
+    finally:
+        a.proc.kill()
+    warned = "a v0.6 hub keeps only gpu, vram, ram and cpu" in a.stderr
+    assert warned == (api == "v0.6"), a.stderr

@@ -29,7 +29,7 @@ async def stream(ctx: Context, request: web.BaseRequest, code: str, flavor: str)
         if flavor == V01:
             return error_v01(404, "Room not found")
         return error_v06(
-            404, "ROOM_NOT_FOUND", "Room not found.", "Run 'gambi room list' to inspect available rooms."
+            404, "ROOM_NOT_FOUND", "Room not found.", "Run 'llmroom list' to see this hub's rooms."
         )
     ctx.streams.add(wake)
     resp = web.StreamResponse(status=200, headers=SSE_HEADERS)

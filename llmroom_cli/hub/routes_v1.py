@@ -13,7 +13,7 @@ from llmroom_cli.hub.state import V06, Refused, dumps, now_ms
 from llmroom_cli.hub.wire import BadRequest, depth, envelope, error_v06, parse_object, read_body, source_of
 
 HINTS = {
-    "ROOM_NOT_FOUND": ("Room not found.", "Run 'gambi room list' to inspect available rooms."),
+    "ROOM_NOT_FOUND": ("Room not found.", "Run 'llmroom list' to see this hub's rooms."),
     "PARTICIPANT_NOT_FOUND": ("Participant not found.", "Check the participant id and retry."),
     "INVALID_PASSWORD": ("Invalid password.", "Provide the correct room password and retry."),
 }

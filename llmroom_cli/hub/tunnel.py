@@ -229,9 +229,7 @@ async def upgrade(ctx: Context, request: web.BaseRequest, code: str, pid: str) -
         ctx.state.take_token(code, pid, token)
     except Refused as exc:
         if exc.status == 404 and exc.code == "ROOM_NOT_FOUND":
-            return error_v06(
-                404, exc.code, "Room not found.", "Run 'gambi room list' to inspect available rooms."
-            )
+            return error_v06(404, exc.code, "Room not found.", "Run 'llmroom list' to see this hub's rooms.")
         if exc.status == 404:
             return error_v06(404, exc.code, "Participant not found.", "Check the participant id and retry.")
         return error_v06(401, "INVALID_REQUEST", exc.message, _HINT_TOKEN)
