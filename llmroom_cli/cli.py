@@ -1381,8 +1381,15 @@ def _dry_run(plan: "SharePlan", ui: "_CliUI") -> dict[str, Any]:
     pid = plan.participant_id or stable_participant_id(
         plan.hub_url, plan.room, plan.endpoint, lambda m: _err(f"warning: {m}")
     )
-    # A relay's URL exists only once it listens: the request shows the server's own address there.
+    # Through the tunnel the hub is shown the server's own URL (it never connects to it); a v0.1 hub
+    # gets the share relay's address, whose port exists only once it listens: shown as PORT.
     published = prep.published or plan.endpoint
+    v01_endpoint = None
+    if prep.how != "direct":
+        from llmroom_cli.share import relay_binding
+
+        host = relay_binding(plan.hub_url)[0]
+        v01_endpoint = f"http://{f'[{host}]' if ':' in host else host}:PORT"
     join_plan = JoinPlan(
         plan.hub_url,
         plan.room,
@@ -1396,7 +1403,8 @@ def _dry_run(plan: "SharePlan", ui: "_CliUI") -> dict[str, Any]:
         plan.interval_s,
     )
     generation = None if prep.generation == "both" else prep.generation
-    return preview(join_plan, generation, capabilities=capabilities, credentials=plan.credentials)
+    creds, relay = plan.credentials, v01_endpoint
+    return preview(join_plan, generation, capabilities=capabilities, credentials=creds, v01_endpoint=relay)
 
 
 def _leave_command(code: str, participant_id: str, hub_url: str) -> str:

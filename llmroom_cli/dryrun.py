@@ -46,9 +46,11 @@ def join_requests(
     plan: JoinPlan,
     generation: str | None = None,
     capabilities: dict[str, str] | None = None,
+    v01_endpoint: str | None = None,
 ) -> list[dict[str, Any]]:
     """The request(s) `join` sends first for `plan`, unredacted: one per hub API generation that may
-    answer (`generation` "v0.1" or "v0.6"; "both" or None: both, v0.6 first)."""
+    answer (`generation` "v0.1" or "v0.6"; "both" or None: both, v0.6 first). `v01_endpoint`: what the
+    v0.1 request publishes instead of `plan.endpoint` (the share relay's address)."""
     from llmroom_cli.protocols.v06 import registration_body  # the module the session sends with
 
     hub = plan.hub_url.rstrip("/")
@@ -59,7 +61,10 @@ def join_requests(
         out.append({"hub_api": "v0.6", "method": "PUT", "url": hub + path, "body": body})
     if generation in (None, "both", "v0.1"):
         path = f"/rooms/{_seg(plan.code)}/join"
-        out.append({"hub_api": "v0.1", "method": "POST", "url": hub + path, "body": plan.body()})
+        body = plan.body()
+        if v01_endpoint is not None:
+            body["endpoint"] = v01_endpoint
+        out.append({"hub_api": "v0.1", "method": "POST", "url": hub + path, "body": body})
     return out
 
 
@@ -69,6 +74,7 @@ def preview(
     *,
     capabilities: dict[str, str] | None = None,
     credentials: Mapping[str, str] | None = None,
+    v01_endpoint: str | None = None,
 ) -> dict[str, Any]:
     """What `join --dry-run` prints (as JSON): the request(s) of `join_requests`, redacted, and the
     names of the headers sent only to the local server. Contacts nothing."""
@@ -76,7 +82,8 @@ def preview(
         "dry_run": True,
         "hub": plan.hub_url,
         "room": plan.code,
-        "requests": [redact(r) for r in join_requests(plan, generation, capabilities)],
+        "shares": plan.endpoint,  # the local server: a v0.1 hub gets the share relay's address instead
+        "requests": [redact(r) for r in join_requests(plan, generation, capabilities, v01_endpoint)],
     }
     if generation in (None, "both"):
         out["note"] = "the hub's API generation decides which request is sent; a dry run does not ask it"

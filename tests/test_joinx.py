@@ -47,8 +47,9 @@ def test_the_config_file_gives_endpoint_nickname_and_model(tmp_path: Path, llm: 
     r = cli("join", "ABC123", "--hub", DOWN_HUB, "--dry-run", env=env)
     assert r.returncode == 0, r.stderr
     assert "using the" not in r.stderr  # the config file named the server: no search
+    assert json.loads(r.stdout)["shares"] == llm.url
     for body in _bodies(r.stdout):
-        assert body["endpoint"] == llm.url and body["nickname"] == "from-file"
+        assert body["nickname"] == "from-file"
         assert body["model"].startswith("llmroom-demo")
 
 
@@ -57,7 +58,8 @@ def test_flags_and_env_win_over_the_config_file(tmp_path: Path, llm: StandIn) ->
     env["LLMROOM_NICKNAME"] = "from-env"
     r = cli("join", "ABC123", "--hub", DOWN_HUB, "--dry-run", "-e", llm.url, env=env)
     assert r.returncode == 0, r.stderr
-    assert all(b["endpoint"] == llm.url and b["nickname"] == "from-env" for b in _bodies(r.stdout))
+    assert json.loads(r.stdout)["shares"] == llm.url
+    assert all(b["nickname"] == "from-env" for b in _bodies(r.stdout))
     r = cli("join", "ABC123", "--hub", DOWN_HUB, "--dry-run", "-e", llm.url, "-n", "from-flag", env=env)
     assert all(b["nickname"] == "from-flag" for b in _bodies(r.stdout))
 
@@ -188,7 +190,8 @@ def test_the_server_found_gives_the_stable_id_and_json_mode_says_nothing(net: li
     assert r.returncode == 0, r.stderr
     assert "using the" not in r.stderr  # --json: stdout is the preview, stderr stays quiet
     (body,) = _bodies(r.stdout)
-    assert body["endpoint"] == "http://127.0.0.1:1234"
+    assert json.loads(r.stdout)["shares"] == "http://127.0.0.1:1234"
+    assert body["endpoint"] == "http://127.0.0.1:PORT"  # v0.1: the share relay's address
     # The same id a later `join -e http://127.0.0.1:1234` (or `leave CODE`) computes: same user key.
     assert body["id"] == stable_participant_id(DEFAULT_HUB, "ABC123", "http://127.0.0.1:1234")
 
@@ -212,3 +215,12 @@ def test_bench_figures_reach_a_v01_room_and_a_v06_join_says_they_will_not(
         a.proc.kill()
     warned = "a v0.6 hub keeps only gpu, vram, ram and cpu" in a.stderr
     assert warned == (api == "v0.6"), a.stderr
+
+
+def test_a_dry_run_shows_the_relay_address_a_v01_hub_would_get_not_the_server(llm: StandIn) -> None:
+    args = ["join", "ABC123", "--hub", DOWN_HUB, "-e", llm.url, "--dry-run"]
+    relayed = {b["hub_api"]: b for b in json.loads(cli(*args).stdout)["requests"]}
+    assert relayed["v0.1"]["body"]["endpoint"] == "http://127.0.0.1:PORT"  # the share relay, not it
+    assert relayed["v0.6"]["body"]["endpoint"] == llm.url  # shown by a v0.6 hub, never connected to
+    direct = json.loads(cli(*args, "--direct", "--hub-api", "v0.1").stdout)["requests"]
+    assert [b["body"]["endpoint"] for b in direct] == [llm.url]
