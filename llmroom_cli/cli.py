@@ -49,7 +49,6 @@ if TYPE_CHECKING:
     from llmroom_cli.client import HubClient
     from llmroom_cli.endpoints import ModelInfo, ServerInfo
     from llmroom_cli.hubapi import Hub
-    from llmroom_cli.share import SharePlan
 
 T = TypeVar("T")
 
@@ -1320,7 +1319,9 @@ def join(
                 plan.endpoint, plan.server = endpoints.normalize_endpoint(found.url), found
             plan.password = _resolve_password(password_stdin, password)
             if dry_run:
-                _print_json(_dry_run(plan, _CliUI()))
+                from llmroom_cli.share import dry_run as preview_join
+
+                _print_json(preview_join(plan, _CliUI()))
                 return 0
             return run_share(plan, _CliUI())
         except LlmroomError as exc:
@@ -1358,53 +1359,6 @@ def _ask_server(servers: "list[ServerInfo]") -> "ServerInfo":
         if chosen is not None:
             return chosen
         _err(f"please type a number from 1 to {len(servers)}, a kind or a port")
-
-
-def _dry_run(plan: "SharePlan", ui: "_CliUI") -> dict[str, Any]:
-    """What `join --dry-run` prints: the join request(s) for `plan`, redacted (dryrun.preview). Only
-    the local server is asked (model, specs, --bench, capabilities): no hub, no state file."""
-    import threading
-
-    from llmroom_cli import endpoints
-    from llmroom_cli.dryrun import preview
-    from llmroom_cli.http import make_http
-    from llmroom_cli.identity import stable_participant_id
-    from llmroom_cli.session import JoinPlan
-    from llmroom_cli.share import prepare, probe_capabilities
-
-    local = endpoints.probe_url(plan.endpoint)
-    with make_http(local) as http:
-        prep = prepare(http, plan, ui, threading.Event(), lambda reason, remaining_s: None)
-        capabilities = None
-        if prep.how == "tunnel":
-            capabilities = probe_capabilities(http, local, plan.credentials)
-    pid = plan.participant_id or stable_participant_id(
-        plan.hub_url, plan.room, plan.endpoint, lambda m: _err(f"warning: {m}")
-    )
-    # Through the tunnel the hub is shown the server's own URL (it never connects to it); a v0.1 hub
-    # gets the share relay's address, whose port exists only once it listens: shown as PORT.
-    published = prep.published or plan.endpoint
-    v01_endpoint = None
-    if prep.how != "direct":
-        from llmroom_cli.share import relay_binding
-
-        host = relay_binding(plan.hub_url)[0]
-        v01_endpoint = f"http://{f'[{host}]' if ':' in host else host}:PORT"
-    join_plan = JoinPlan(
-        plan.hub_url,
-        plan.room,
-        pid,
-        plan.nickname,
-        prep.model,
-        published,
-        plan.password,
-        prep.specs,
-        plan.config,
-        plan.interval_s,
-    )
-    generation = None if prep.generation == "both" else prep.generation
-    creds, relay = plan.credentials, v01_endpoint
-    return preview(join_plan, generation, capabilities=capabilities, credentials=creds, v01_endpoint=relay)
 
 
 def _leave_command(code: str, participant_id: str, hub_url: str) -> str:

@@ -72,6 +72,20 @@ class JoinPlan:
             body["config"] = self.config
         return body
 
+    def joined_event(self, participant: Any) -> dict[str, Any]:
+        """The fields of the `joined` event (both generations): the plan, with the specs as the hub
+        stored them (`participant` is the hub's answer; the plan's own when it says none)."""
+        specs = participant.get("specs", self.specs) if isinstance(participant, dict) else None
+        return {
+            "room": self.code,
+            "hub": self.hub_url,
+            "id": self.participant_id,
+            "nickname": self.nickname,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "specs": specs,
+        }
+
 
 class Schedule:
     """Deadlines at start + k * interval (k = 1, 2, ...): a slow beat never shifts later ones, and
@@ -254,17 +268,7 @@ class Session:
                 delay = min(delay * 2, 2.0)
         self.status.state = "online"
         self.status.joined_at = self.clock()
-        participant = data.get("participant", {})
-        self.emit(
-            "joined",
-            room=self.plan.code,
-            hub=self.plan.hub_url,
-            id=self.plan.participant_id,
-            nickname=self.plan.nickname,
-            model=self.plan.model,
-            endpoint=self.plan.endpoint,
-            specs=participant.get("specs", self.plan.specs) if isinstance(participant, dict) else None,
-        )
+        self.emit("joined", **self.plan.joined_event(data.get("participant", {})))
 
     def _join_timeout(self) -> float:
         return max(self.request_timeout_s, 2.0) if not self.joined else self.request_timeout_s

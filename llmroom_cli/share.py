@@ -857,6 +857,52 @@ def _server_watch(plan: SharePlan, core: RelayCore, session: Any, ui: ShareUI) -
     )
 
 
+def dry_run(plan: SharePlan, ui: ShareUI) -> dict[str, Any]:
+    """What `join --dry-run` prints: the join request(s) for `plan`, redacted (dryrun.preview). Only
+    the local server is asked (model, specs, --bench, capabilities): no hub, no state file."""
+    from llmroom_cli import endpoints
+    from llmroom_cli.dryrun import preview
+    from llmroom_cli.http import make_http
+    from llmroom_cli.identity import stable_participant_id
+    from llmroom_cli.session import JoinPlan
+
+    local = endpoints.probe_url(plan.endpoint)
+    with make_http(local) as http:
+        prep = prepare(http, plan, ui, threading.Event(), lambda reason, remaining_s: None)
+        capabilities = None
+        if prep.how == "tunnel":
+            capabilities = probe_capabilities(http, local, plan.credentials)
+    pid = plan.participant_id or stable_participant_id(
+        plan.hub_url, plan.room, plan.endpoint, lambda m: ui.message(f"warning: {m}")
+    )
+    # Through the tunnel the hub is shown the server's own URL (it never connects to it); a v0.1 hub
+    # gets the share relay's address, whose port exists only once it listens: shown as PORT.
+    v01_endpoint = None
+    if prep.how != "direct":
+        host = relay_binding(plan.hub_url)[0]
+        v01_endpoint = f"http://{f'[{host}]' if ':' in host else host}:PORT"
+    join_plan = JoinPlan(
+        plan.hub_url,
+        plan.room,
+        pid,
+        plan.nickname,
+        prep.model,
+        prep.published or plan.endpoint,
+        plan.password,
+        prep.specs,
+        plan.config,
+        plan.interval_s,
+    )
+    generation = None if prep.generation == "both" else prep.generation
+    return preview(
+        join_plan,
+        generation,
+        capabilities=capabilities,
+        credentials=plan.credentials,
+        v01_endpoint=v01_endpoint,
+    )
+
+
 def _publish(
     prep: Prepared, core: RelayCore, ui: ShareUI, cleanup: list[Callable[[], None]], endpoint: str
 ) -> str:

@@ -866,17 +866,7 @@ class TunnelSession:
         self.joined = True
         self.status.state = "online"
         self.status.joined_at = self.clock()
-        self.emit(
-            "joined",
-            room=self.plan.code,
-            hub=self.plan.hub_url,
-            id=self.plan.participant_id,
-            nickname=self.plan.nickname,
-            model=self.plan.model,
-            endpoint=self.plan.endpoint,
-            specs=participant.get("specs", self.plan.specs),
-            protocol="v0.6",
-        )
+        self.emit("joined", **self.plan.joined_event(participant), protocol="v0.6")
 
     def heartbeat_loop(self) -> None:
         """Ping + heartbeat every interval, reconnect when the tunnel goes, until `stop` is set. Raises
